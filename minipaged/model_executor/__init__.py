@@ -1,0 +1,1 @@
+"""Everything that turns scheduled sequences into tensors: weights, KV cache, the runner."""

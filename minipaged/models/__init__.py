@@ -1,0 +1,1 @@
+"""Model architectures (LLaMA, OPT) written against the paged attention interface."""

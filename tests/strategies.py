@@ -68,7 +68,14 @@ contiguous_report_ops = st.lists(
 # blocks after different prefixes) all happen within a few steps.
 tiny_block_sizes = st.sampled_from([1, 2, 3, 4])
 tiny_token_ids = st.integers(min_value=0, max_value=2)
-tiny_prompts = st.lists(tiny_token_ids, min_size=1, max_size=10)
+_TINY_SYSTEM_PROMPT = [0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 2, 0]
+#: half of them begin with a prefix of one fixed text, as requests sharing a system
+#: prompt do, so prefix-cache hits (and near misses) are common
+tiny_prompts = st.one_of(
+    st.lists(tiny_token_ids, min_size=1, max_size=10),
+    st.builds(lambda n, tail: _TINY_SYSTEM_PROMPT[:n] + tail, st.integers(0, 10),
+              st.lists(tiny_token_ids, max_size=3)).filter(len),
+)
 tiny_appends = st.lists(tiny_token_ids, min_size=1, max_size=5)
 watermarks = st.sampled_from([0.0, 0.0, 0.1, 0.3])
 

@@ -33,6 +33,10 @@ class AttentionMetadata:
             tokens of sequence i are rows query_start_loc[i]:query_start_loc[i+1].
         max_query_len: the longest run of new tokens in the batch (1 = pure decode).
         max_context_len: the longest context in the batch.
+        num_decode_seqs: the first num_decode_seqs sequences bring exactly one new token
+            each (rows 0..num_decode_seqs-1); the model runner orders decodes first so
+            that a mixed batch runs the decode kernel on them and the prefill kernel on
+            the rest, instead of padding every decode to the longest prefill.
     """
 
     slot_mapping: torch.Tensor
@@ -41,6 +45,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_context_len: int
+    num_decode_seqs: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -102,6 +107,18 @@ class AttentionBackend(ABC):
         if meta.is_decode:
             return self.paged_attention_decode(query, key_cache, value_cache,
                                                meta.block_tables, meta.context_lens, scale)
-        return self.paged_attention_prefill(query, key_cache, value_cache, meta.block_tables,
-                                            meta.context_lens, meta.query_start_loc, scale,
-                                            meta.max_query_len)
+        d = meta.num_decode_seqs
+        if d == 0:
+            return self.paged_attention_prefill(query, key_cache, value_cache,
+                                                meta.block_tables, meta.context_lens,
+                                                meta.query_start_loc, scale, meta.max_query_len)
+        # A mixed batch: decodes (one row each, first) and prefills (the rest) separately.
+        out = torch.empty_like(query)
+        out[:d] = self.paged_attention_decode(query[:d], key_cache, value_cache,
+                                              meta.block_tables[:d], meta.context_lens[:d],
+                                              scale)
+        out[d:] = self.paged_attention_prefill(query[d:], key_cache, value_cache,
+                                               meta.block_tables[d:], meta.context_lens[d:],
+                                               meta.query_start_loc[d:] - d, scale,
+                                               meta.max_query_len)
+        return out

@@ -1,0 +1,1 @@
+"""Reproducible measurements behind docs/results (run each as `python -m benchmarks.NAME`)."""

@@ -1,0 +1,93 @@
+"""A MkDocs hook that fills the Results page from what the benchmarks wrote.
+
+Each benchmark (`python -m benchmarks.NAME`) writes its output into docs/results/ as
+NAME.md (a ready-made section), or NAME.csv (a table) and/or NAME.png (a plot). The
+Results page (docs/results.md) holds markers
+
+    <!-- results: NAME [NAME ...] -->
+
+and this hook replaces each marker, at build time, with what exists for those names: the
+.md included as is (its relative links made relative to the Results page), else the .csv
+as a Markdown table, plus the .png. A name with no output yet becomes the line "Not
+measured yet", so the page never claims a number that no benchmark produced. Output files
+that no marker names are listed at the end under "Other results", so nothing a
+benchmark writes is silently left out.
+
+Enabled in mkdocs.yml under `hooks:`; MkDocs does not publish this folder (exclude_docs).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+MARKER = re.compile(r"<!--\s*results:\s*([\w\s-]+?)\s*-->")
+RELATIVE_LINK = re.compile(r"(\]\()(?![a-z]+:|/|#)([^)\s]+)")
+OUTPUT_SUFFIXES = (".md", ".csv", ".png", ".svg")
+
+
+def _results_dir(config) -> Path:
+    return Path(config["docs_dir"]) / "results"
+
+
+def _csv_table(path: Path) -> str:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return ""
+    header, body = rows[0], rows[1:]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _section(results: Path, name: str) -> tuple[str, set[str]]:
+    """The Markdown for one benchmark name, and the output files it used."""
+    used: set[str] = set()
+    parts: list[str] = []
+    md, table, plots = results / f"{name}.md", results / f"{name}.csv", [
+        results / f"{name}{ext}" for ext in (".png", ".svg")]
+    if md.is_file():
+        parts.append(RELATIVE_LINK.sub(r"\1results/\2", md.read_text(encoding="utf-8")))
+        used.add(md.name)
+    else:
+        if table.is_file():
+            parts.append(_csv_table(table) + f"\n\n[Download {table.name}](results/{table.name})")
+            used.add(table.name)
+        for plot in plots:
+            if plot.is_file():
+                parts.append(f"![{name}](results/{plot.name})")
+                used.add(plot.name)
+    # A .md that embeds its own plot has used it too.
+    for plot in plots:
+        if plot.is_file() and plot.name in "".join(parts):
+            used.add(plot.name)
+    return "\n\n".join(parts), used
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if page.file.src_uri != "results.md":
+        return markdown
+    results = _results_dir(config)
+    used: set[str] = set()
+
+    def replace(match: re.Match) -> str:
+        texts = []
+        for name in match.group(1).split():
+            text, files_used = _section(results, name)
+            used.update(files_used)
+            if text:
+                texts.append(text)
+        if texts:
+            return "\n\n".join(texts)
+        names = ", ".join(f"`benchmarks/{n}.py`" for n in match.group(1).split())
+        return f"*Not measured yet* ({names} writes it into `docs/results/`)."
+
+    markdown = MARKER.sub(replace, markdown)
+    others = sorted(p.name for p in results.glob("*")
+                    if p.suffix in OUTPUT_SUFFIXES and p.name not in used) if results.is_dir() else []
+    if others:
+        markdown += "\n\n## Other results\n\nWritten by the benchmarks, not yet described above.\n\n"
+        markdown += "\n".join(f"- [{name}](results/{name})" for name in others) + "\n"
+    return markdown

@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast docs serve-docs bench clean
+.PHONY: setup demo memory-demo test test-fast docs serve-docs clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(PY) -m minipaged.demo
+
+memory-demo: setup
+	$(PY) -m minipaged.memory_demo
 
 test: setup
 	$(PY) -m pytest -q

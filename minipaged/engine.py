@@ -40,6 +40,7 @@ class Executor(Protocol):
     num_gpu_blocks: int
     num_cpu_blocks: int
     max_model_len: int
+    vocab_size: int
     eos_token_ids: list[int]
     tokenizer: object
 
@@ -97,8 +98,10 @@ class LLMEngine:
                 prompt_token_ids = list(prompt)
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
-        if any(not isinstance(t, int) or t < 0 for t in prompt_token_ids):
-            raise ValueError("prompt_token_ids must be non-negative integers")
+        vocab = self.executor.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}) "
+                             "(the model's vocabulary)")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens, the model's context "
                              f"(max_model_len) is {self.max_model_len}: no room to generate")

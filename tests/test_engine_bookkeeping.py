@@ -145,6 +145,14 @@ def test_a_prompt_longer_than_the_context_is_rejected():
     assert run_to_end(engine)["b"].outputs[0].token_ids == [3, 4]
 
 
+def test_a_token_id_outside_the_vocabulary_is_rejected_and_the_engine_keeps_serving():
+    engine = make_engine()
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("bad", [1, 2, VOCAB], greedy(4))
+    engine.add_request("ok", [1, 2], greedy(2))
+    assert run_to_end(engine)["ok"].outputs[0].token_ids == [3, 4]
+
+
 def test_a_prompt_needing_more_blocks_than_the_cache_has_is_rejected():
     engine = make_engine(num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="num_gpu_blocks"):

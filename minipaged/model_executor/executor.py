@@ -61,6 +61,7 @@ class ModelExecutor:
             raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's "
                              f"context ({mc.max_position_embeddings})")
         self.eos_token_ids = list(mc.eos_token_ids)
+        self.vocab_size = mc.vocab_size
         self.backend = get_attn_backend(config.attention_backend, self.device)
         per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                                        config.block_size, dtype)

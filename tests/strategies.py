@@ -78,6 +78,8 @@ tiny_prompts = st.one_of(
 )
 tiny_appends = st.lists(tiny_token_ids, min_size=1, max_size=5)
 watermarks = st.sampled_from([0.0, 0.0, 0.1, 0.3])
+#: steps per state-machine example for the memory core: tiny pools fill up in fewer
+MEMORY_CORE_STEPS = 25
 
 
 def colliding_hash(parent_hash: int | None, tokens) -> int:
@@ -405,3 +407,15 @@ def engine_workloads(draw, max_requests: int = 8, vocab: int = 64, max_prompt: i
         requests.append(WorkloadRequest(f"r{i}", (stem + tail)[:max_prompt],
                                         draw(st.integers(1, max_tokens)), step))
     return requests
+
+
+# ---------------------------------------------------------------------------------------
+# Models and tokenizer
+# ---------------------------------------------------------------------------------------
+# Unicode text short enough to stream token by token through the real tokenizer. No lone
+# surrogates (not UTF-8 encodable), no control characters and nothing above U+3FFFF:
+# SmolLM2's byte-level vocabulary has no token for some bytes (0xF1-0xFF lead bytes, a
+# few control bytes), so such characters are dropped by the tokenizer itself.
+unicode_texts = st.text(alphabet=st.characters(max_codepoint=0x3FFFF,
+                                               exclude_categories=("Cs", "Cc")),
+                        max_size=30)

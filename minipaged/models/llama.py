@@ -1,0 +1,153 @@
+"""LLaMA (the paper's LLaMA-13B experiments, section 6) over the paged KV cache.
+
+A decoder-only transformer: RMSNorm, rotary position embeddings, grouped-query
+attention, a SwiGLU MLP, optionally tied input/output embeddings. Written against the
+attention interface of minipaged/attention/base.py: the model runs on a *flat batch* of
+the new tokens of every scheduled sequence (a whole prompt for one, a single token for
+another), and each layer hands its new K/V to `backend.forward`, which writes them into
+the cache blocks named by the slot mapping and attends through the block tables.
+
+Invariant: nothing in this file knows which token belongs to which request. Positions
+come in with the tokens, and all cross-token interaction happens inside the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minipaged.attention.base import AttentionBackend, AttentionMetadata
+from minipaged.models.config import ModelConfig
+from minipaged.models.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    empty_param,
+    load_checkpoint_weights,
+)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        # one GEMM for q, k and v: rows [q | k | v]
+        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                               bias=config.attention_bias, dtype=dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias,
+                             dtype=dtype)
+        self.rotary = rotary   # shared by all layers; not a parameter
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        # rotate q and k together, in place: they are adjacent in the fused output
+        qk = qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads,
+                                                      self.head_dim)
+        self.rotary(positions, qk)
+        q = qk[:, :self.num_heads]
+        k = qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one GEMM."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [config.intermediate_size] * 2,
+                                   bias=config.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size,
+                                bias=config.mlp_bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, rotary, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T], kv_caches, meta, backend) -> hidden [T, H]."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if config.architecture != "llama":
+            raise ValueError(f"config.architecture: {config.architecture!r} is not 'llama'")
+        self.config = config
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype)
+        rotary = RotaryEmbedding(config, dtype)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, dtype)
+                                    for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"kv_caches: {len(kv_caches)} given, the model has "
+                             f"{len(self.layers)} layers")
+        x = F.embedding(input_ids, self.embed_tokens.weight)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(positions, x, kv_cache, meta, backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, vocab] of final hidden states."""
+        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    # -------------------------------------------------------------------- weights
+
+    _STACKED: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def _resolve(self, hf_name: str) -> tuple[str, int] | None:
+        """HF parameter name -> (our parameter name, shard), or None to skip."""
+        if "rotary_emb." in hf_name:
+            return None                              # a recomputed buffer, not a weight
+        if hf_name == "lm_head.weight":
+            return None if self.config.tie_word_embeddings else ("lm_head.weight", 0)
+        name = hf_name.removeprefix("model.")
+        parts = name.split(".")
+        # layers.{i}.self_attn.q_proj.weight -> layers.{i}.self_attn.qkv_proj.weight, shard 0
+        if len(parts) == 5 and parts[3] in self._STACKED:
+            fused, shard = self._STACKED[parts[3]]
+            return ".".join(parts[:3] + [fused, parts[4]]), shard
+        return name, 0
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill the model from Hugging Face-named tensors (fusing q/k/v and gate/up)."""
+        load_checkpoint_weights(self, weights, self._resolve)

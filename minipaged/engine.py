@@ -135,8 +135,10 @@ class LLMEngine:
         return self.scheduler.num_unfinished
 
     # ---- one iteration -----------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler iteration; returns the outputs of every request it touched."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduler iteration; returns the outputs of every request it touched
+        (streaming), or with finished_only only those that finished: building an output
+        copies its tokens, which offline batch generation does not need every step."""
         out = self.scheduler.schedule()
         self._num_steps += 1
         now = time.monotonic()
@@ -168,6 +170,8 @@ class LLMEngine:
                 group.mark_finished(now)
                 self._groups.pop(group.request_id)
                 self._num_finished += 1
+            elif finished_only:
+                continue
             outputs[group.request_id] = RequestOutput.from_seq_group(group)
         self.scheduler.remove_finished()
         return list(outputs.values())
@@ -237,9 +241,12 @@ class LLMEngine:
         new_chars = None
         if self.tokenizer is not None:
             prefix, read = seq.detokenizer_state
-            new_text, prefix, read = detokenize_incrementally(
-                self.tokenizer, seq.get_token_ids(), prefix, read, params.skip_special_tokens)
-            seq.detokenizer_state = (prefix, read)
+            # Only the window from prefix_offset on is decoded: pass that tail, not the
+            # whole sequence, so a step costs the same at any length.
+            tail = _tokens_from(seq, prefix)
+            new_text, p, r = detokenize_incrementally(
+                self.tokenizer, tail, 0, read - prefix, params.skip_special_tokens)
+            seq.detokenizer_state = (prefix + p, prefix + r)
             seq.output_text += new_text
             new_chars = len(new_text)
         return check_stop(seq, params, self.executor.eos_token_ids, self.max_model_len,
@@ -274,3 +281,11 @@ class LLMEngine:
             "num_swapped_in_blocks": bm.num_swapped_in_blocks,
             "num_cow_copies": bm.num_cow_copies,
         }
+
+
+def _tokens_from(seq: Sequence, start: int) -> list[int]:
+    """seq.get_token_ids()[start:], without building the whole list."""
+    prompt_len = seq.get_prompt_len()
+    if start >= prompt_len:
+        return seq.output_token_ids[start - prompt_len:]
+    return seq.prompt_token_ids[start:] + seq.output_token_ids

@@ -215,8 +215,12 @@ class Scheduler:
     # ---- helpers -----------------------------------------------------------------------
     def _pending_tokens(self, seq: Sequence) -> list[int]:
         """Tokens of the sequence that have no slot yet (normally the last sampled one)."""
-        held = self._reserved[seq.seq_id]
-        return seq.get_token_ids()[held:] if seq.get_len() > held else []
+        missing = seq.get_len() - self._reserved[seq.seq_id]
+        if missing <= 0:
+            return []
+        if missing <= seq.get_output_len():      # the usual case: the newest outputs,
+            return seq.output_token_ids[-missing:]   # taken without copying the whole sequence
+        return seq.get_token_ids()[-missing:]
 
     def _can_grow(self, group: SequenceGroup) -> bool:
         seqs = [s for s in group.get_seqs(SequenceStatus.RUNNING)

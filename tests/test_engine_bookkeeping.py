@@ -183,6 +183,16 @@ def test_requests_admitted_in_the_same_step_share_their_common_prefix():
     assert finished["b"].outputs[0].token_ids == [51, 52, 53]
 
 
+def test_step_can_report_only_finished_requests():
+    engine = make_engine()
+    engine.add_request("short", [1], greedy(1))
+    engine.add_request("long", [1], greedy(5))
+    first = engine.step(finished_only=True)
+    assert [o.request_id for o in first] == ["short"] and first[0].finished
+    streamed = engine.step()                       # the default streams every request touched
+    assert [o.request_id for o in streamed] == ["long"] and not streamed[0].finished
+
+
 def test_stats_report_the_pool_and_the_counters():
     engine = make_engine()
     stats = engine.stats()

@@ -112,7 +112,7 @@ class LLM:
             with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
                       unit="req", dynamic_ncols=True) as bar:
                 while engine.has_unfinished_requests():
-                    for out in engine.step():
+                    for out in engine.step(finished_only=True):
                         if out.finished and out.request_id not in finished:
                             finished[out.request_id] = out
                             bar.update(1)

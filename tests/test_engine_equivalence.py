@@ -156,3 +156,29 @@ def test_memory_pressure_really_preempts_in_both_modes(tiny_llama, reference):
         for p, o in zip(prompts, outs):
             assert assert_same_as_alone(reference, p, o.outputs[0].token_ids, 16) == 0
         assert stats["num_free_blocks"] == 12
+
+
+@pytest.mark.parametrize("width,length_penalty", [(2, 1.0), (4, 0.5)])
+def test_beam_search_through_the_paged_engine_equals_a_plain_reference_beam_search(
+        tiny_llama, width, length_penalty):
+    from tests.test_beam_search import reference_beam_search
+
+    hf_model = tiny_llama[1]
+
+    @torch.inference_mode()
+    def logprobs(tokens: list[int]):      # no paging, no cache: the whole prefix each time
+        logits = hf_model(torch.tensor([tokens])).logits[0, -1].double()
+        return torch.log_softmax(logits, -1).numpy()
+
+    prompt, max_tokens = [3, 14, 15, 92, 65], 6
+    want = reference_beam_search(logprobs, prompt, width, length_penalty, max_tokens, eos=-1)
+    # a small pool: the beams fork, share and copy-on-write their blocks as they go
+    llm = make_llm(tiny_llama[0], num_gpu_blocks=16)
+    out = llm.generate([prompt], SamplingParams(n=width, use_beam_search=True, temperature=0,
+                                                length_penalty=length_penalty,
+                                                max_tokens=max_tokens), use_tqdm=False)[0]
+    got = [(c.token_ids, c.cumulative_logprob) for c in out.outputs]
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _, _ in want]
+    for (_, cum), (_, ref_cum, _) in zip(got, want):
+        assert cum == pytest.approx(ref_cum, abs=1e-4)   # fp32 engine vs fp64 reference
+    assert llm.stats()["num_free_blocks"] == 16

@@ -109,6 +109,9 @@ class LLMEngine:
         if blocks > self.executor.num_gpu_blocks:
             raise ValueError(f"prompt needs {blocks} KV blocks but the cache has only "
                              f"{self.executor.num_gpu_blocks} (num_gpu_blocks)")
+        if params.best_of > self.config.max_num_seqs:
+            raise ValueError(f"best_of={params.best_of} sequences can never run together: "
+                             f"max_num_seqs is {self.config.max_num_seqs}")
         group = SequenceGroup.from_prompt(
             request_id, prompt_token_ids, params, self._next_seq_id, prompt=text,
             eos_token_ids=self.executor.eos_token_ids, arrival_time=arrival_time)

@@ -171,7 +171,8 @@ class Scheduler:
                 self.running.append(group)
 
         # 2. swapped groups come back before anything new is admitted (FCFS)
-        num_seqs = sum(g.num_seqs(SequenceStatus.RUNNING) for g in self.running)
+        # a group counts the sequences it will run at once (best_of forks after prefill)
+        num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
         if not out.preempted:
             while self.swapped and num_seqs < self.config.max_num_seqs:
                 group = self.swapped[0]
@@ -182,7 +183,7 @@ class Scheduler:
                 out.blocks_to_swap_in += self.block_manager.swap_in(seq_ids)
                 for seq in group.get_seqs(SequenceStatus.SWAPPED):
                     seq.status = SequenceStatus.RUNNING
-                    num_seqs += 1
+                num_seqs += group.get_max_num_running_seqs()
                 if self._can_grow(group):
                     self._grow(group, out)
                     token_budget = self._take_tokens(group, token_budget, decodes, prefills)
@@ -193,7 +194,7 @@ class Scheduler:
             while self.waiting and token_budget > 0:
                 group = self.waiting[0]
                 waiting_seqs = group.get_seqs(SequenceStatus.WAITING)
-                if num_seqs + len(waiting_seqs) > self.config.max_num_seqs:
+                if num_seqs + group.get_max_num_running_seqs() > self.config.max_num_seqs:
                     break
                 need = sum(s.get_len() for s in waiting_seqs)
                 if not self.config.enable_chunked_prefill and need > token_budget:
@@ -206,7 +207,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.running.append(group)
-                num_seqs += len(waiting_seqs)
+                num_seqs += group.get_max_num_running_seqs()
                 token_budget = self._take_tokens(group, token_budget, decodes, prefills)
 
         out.scheduled = decodes + prefills

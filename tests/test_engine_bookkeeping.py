@@ -125,6 +125,23 @@ def test_a_request_that_outgrows_the_whole_pool_ends_with_length():
     assert engine.block_manager.num_free_blocks == 4
 
 
+def test_never_more_than_max_num_seqs_sequences_run_at_once():
+    engine = make_engine(max_num_seqs=3)
+    engine.add_request("par", [1, 2], SamplingParams(n=2, seed=0, max_tokens=6,
+                                                     ignore_eos=True))
+    for i in range(4):
+        engine.add_request(str(i), [i + 3], greedy(6))
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        running = sum(len(g.get_unfinished_seqs()) for g in engine.scheduler.running)
+        peak = max(peak, running)
+        assert running <= 3
+    assert peak == 3
+    with pytest.raises(ValueError, match="best_of"):
+        engine.add_request("wide", [1], SamplingParams(n=4, seed=0))
+
+
 def test_an_aborted_request_frees_its_blocks():
     engine = make_engine()
     engine.add_request("a", list(range(40)), greedy(100))

@@ -6,7 +6,9 @@ user asked for: `RequestOutput.from_seq_group` keeps the n best of them, by cumu
 logprob for best_of and by length-penalised beam score for beam search.
 
 Invariant: these are plain values built from a SequenceGroup at one moment; nothing here
-points back into the engine's live state (token lists and logprobs are copied).
+points back into the engine's live state that can still change (output token lists and
+logprobs are copied; the prompt's ids, which never change, are shared, so streaming a
+long prompt's request does not copy it every step).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class RequestOutput:
         return cls(
             request_id=group.request_id,
             prompt=group.prompt,
-            prompt_token_ids=list(group.prompt_token_ids),
+            prompt_token_ids=group.prompt_token_ids,     # never mutated: shared, not copied
             outputs=outputs,
             finished=group.is_finished(),
             metrics=dataclasses.replace(group.metrics),

@@ -1,5 +1,5 @@
 """How many sequences one KV budget runs at once, paged vs contiguous (paper section 6.2,
-Fig. 12: OPT-13B on ShareGPT, average batch 7.00 for Orca (Max), 13.62 for Orca
+Fig. 13: OPT-13B on ShareGPT, average batch 7.00 for Orca (Max), 13.62 for Orca
 (Oracle), 30.42 for vLLM).
 
 Same trace (Poisson arrivals at twice what paged memory serves, so memory is the limit),
@@ -40,7 +40,7 @@ from .common import (BUDGET_NOTE, KV_BUDGET_TOKENS, MAX_LEN, STEP_SECONDS, TRACE
                      make_engine, markdown_table, out_dir, prompt_tokens, pyplot,
                      saturated_trace, serve, single_threaded_torch, write_csv, write_markdown)
 
-PAPER = {"Orca (Max)": 7.00, "Orca (Oracle)": 13.62, "paged (engine)": 30.42}  # Fig. 12
+PAPER = {"Orca (Max)": 7.00, "Orca (Oracle)": 13.62, "paged (engine)": 30.42}  # Fig. 13
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 512
 VOCAB = 512
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max_num_seqs {MAX_NUM_SEQS}, watermark 1 %, recompute preemption, stub model with "
         "the trace's output lengths; the others: minipaged.core.trace.replay with the same cap",
         "mean batch: sequences run per step, averaged over the steps with a request waiting",
-        "paper (Fig. 12, OPT-13B, ShareGPT): " + ", ".join(f"{k.replace(' (engine)', '')} "
+        "paper (Fig. 13, OPT-13B, ShareGPT): " + ", ".join(f"{k.replace(' (engine)', '')} "
                                                           f"{v}" for k, v in PAPER.items()),
     ]
     notes.insert(0, verdict(rows))

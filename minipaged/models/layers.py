@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipaged.kernels import cpu_kernel
 from minipaged.models.config import ModelConfig
 
 _HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")     # torch >= 2.4
@@ -115,14 +116,29 @@ def copy_checked(target: torch.Tensor, tensor: torch.Tensor) -> None:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, computed in float32 (as transformers does)."""
+    """x / sqrt(mean(x^2) + eps) * w, computed in float32 (as transformers does).
+
+    forward(x) -> normed; forward(x, residual) -> (normed residual + x, residual + x):
+    the decoder's skip connection fused with the norm that follows it (vLLM's
+    fused_add_rms_norm). The sum is written into `residual` in place.
+    """
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = empty_param(size, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        fast = cpu_kernel.rms_norm(x, self.weight, self.eps, residual)   # one C pass
+        if fast is not None:
+            return fast if residual is None else (fast, residual)
+        if residual is not None:
+            residual.add_(x)
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and _HAS_FUSED_RMS_NORM:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
@@ -188,6 +204,8 @@ class RotaryEmbedding(nn.Module):
         positions: the tokens' positions, or their `table(positions)`.
         """
         cos, sin = self.table(positions) if isinstance(positions, torch.Tensor) else positions
+        if cpu_kernel.rotary_(x, cos.squeeze(1), sin.squeeze(1)):   # one C pass, same rounding
+            return
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         # transformers' rounding exactly: each product rounded, then added

@@ -93,10 +93,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def forward(self, positions: Positions, x: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: Positions, x: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: KVCache, meta: AttentionMetadata, backend: AttentionBackend
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (x, residual), where the layer's input is residual + x.
+
+        The stream is carried as a pair so that each skip-connection add is fused with the
+        norm after it (the first layer gets residual None: its input is x alone).
+        """
+        if residual is None:
+            residual = x                    # the stream itself; norms never write x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -125,9 +137,10 @@ class LlamaForCausalLM(nn.Module):
                              f"{len(self.layers)} layers")
         x = F.embedding(input_ids, self.embed_tokens.weight)
         rope = self.rotary.table(positions)          # gathered once, used by every layer
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(rope, x, kv_cache, meta, backend)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, kv_cache, meta, backend)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, vocab] of final hidden states."""

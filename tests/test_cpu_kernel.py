@@ -1,0 +1,177 @@
+"""Spec of the C decode kernel (kernels/cpu_paged_attention.c) and of when the torch
+backend uses it.
+
+The kernel is held to kernels/reference.py in fp64 on the same float32 inputs, on the
+shared random paged batches (shuffled blocks, ragged contexts, GQA ratios 1-16, NaN in
+every slot no sequence owns), so reading one byte past a context fails the test.
+Tolerance: atol 1e-5 (outputs are convex combinations of N(0, 1) values; fp32
+accumulation in another order than the reference; measured worst 1e-6).
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from minipaged.attention.torch_backend import TorchBackend
+from minipaged.kernels import cpu_kernel
+from minipaged.kernels import reference as ref
+from tests.strategies import paged_decode_cases
+
+ATOL = 1e-5
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None,
+                                  reason="no C compiler here: the torch path is tested alone")
+
+
+def _inputs(case):
+    return (torch.from_numpy(case.query), torch.from_numpy(case.key_cache),
+            torch.from_numpy(case.value_cache), torch.from_numpy(case.block_tables),
+            torch.from_numpy(case.context_lens))
+
+
+def _expected(case):
+    return ref.paged_attention_prefill_vectorized(
+        case.query.astype(np.float64), case.key_cache.astype(np.float64),
+        case.value_cache.astype(np.float64), case.block_tables, case.context_lens,
+        case.query_start_loc, case.scale)
+
+
+@needs_kernel
+@settings(max_examples=60)
+@given(case=paged_decode_cases(max_seqs=6, max_context_len=300, max_tokens=900))
+def test_c_decode_kernel_matches_the_reference(case):
+    out = cpu_kernel.paged_attention_decode(*_inputs(case), case.scale)
+    assert out.shape == case.query.shape and torch.isfinite(out).all()
+    np.testing.assert_allclose(out.double().numpy(), _expected(case), rtol=0, atol=ATOL)
+
+
+@needs_kernel
+@settings(max_examples=30)
+@given(case=paged_decode_cases())
+def test_torch_backend_decodes_through_the_c_kernel_and_agrees_with_its_gather_path(case):
+    fast = TorchBackend().paged_attention_decode(*_inputs(case), case.scale)
+    gathered = TorchBackend(c_kernel=False).paged_attention_decode(*_inputs(case), case.scale)
+    # two fp32 summation orders of the same math
+    torch.testing.assert_close(fast, gathered, rtol=0, atol=ATOL)
+
+
+@needs_kernel
+def test_the_torch_backend_calls_the_kernel_for_float32_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "paged_attention_decode",
+                        lambda *a: calls.append(a) or torch.zeros_like(a[0]))
+    q, kc, vc = torch.randn(2, 4, 16), torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)
+    tables, lens = torch.tensor([[0, 1], [2, 0]]), torch.tensor([5, 3])
+    TorchBackend().paged_attention_decode(q, kc, vc, tables, lens, 0.25)
+    assert len(calls) == 1
+    TorchBackend().paged_attention_decode(q.half(), kc.half(), vc.half(), tables, lens, 0.25)
+    TorchBackend(c_kernel=False).paged_attention_decode(q, kc, vc, tables, lens, 0.25)
+    assert len(calls) == 1            # half precision and c_kernel=False: the gather path
+
+
+def test_the_kernel_only_claims_float32_contiguous_caches_with_a_head_dim_of_eights():
+    q, kc = torch.randn(2, 4, 16), torch.randn(3, 4, 2, 16)
+    assert cpu_kernel.supports(q, kc, kc.clone())
+    assert not cpu_kernel.supports(q, kc.half(), kc.half())
+    assert not cpu_kernel.supports(q, kc.transpose(1, 2), kc.transpose(1, 2))
+    odd = torch.randn(3, 4, 2, 12)
+    assert not cpu_kernel.supports(torch.randn(2, 4, 12), odd, odd)
+
+
+def test_switching_the_kernel_off_by_environment_leaves_the_gather_path(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    assert cpu_kernel.load() is None
+    q, kc, vc = torch.randn(1, 2, 8), torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8)
+    out = TorchBackend().paged_attention_decode(q, kc, vc, torch.tensor([[1]]),
+                                                torch.tensor([3]), 0.5)
+    scores = torch.einsum("hd,td->ht", q[0], kc[1, :3, 0]) * 0.5
+    expected = torch.softmax(scores, -1) @ vc[1, :3, 0]
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-6)
+
+
+@needs_kernel
+def test_the_build_is_cached_by_source_flags_and_compiler():
+    compiler = cpu_kernel._compiler()
+    first = cpu_kernel.build(compiler)
+    assert cpu_kernel.build(compiler) == first and first.exists()
+
+
+@needs_kernel
+def test_bad_calls_are_refused_before_any_pointer_is_passed():
+    q, kc = torch.randn(2, 4, 16), torch.randn(3, 4, 2, 16)
+    with pytest.raises(ValueError, match="block outside the cache"):
+        cpu_kernel.paged_attention_decode(q, kc, kc, torch.tensor([[0, 7], [1, 0]]),
+                                          torch.tensor([5, 3]), 1.0)
+    with pytest.raises(ValueError, match="1 .. table width"):
+        cpu_kernel.paged_attention_decode(q, kc, kc, torch.tensor([[0], [1]]),
+                                          torch.tensor([5, 3]), 1.0)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        cpu_kernel.paged_attention_decode(q, kc, kc, torch.tensor([[0, 1]]),
+                                          torch.tensor([5, 3]), 1.0)
+
+
+# --- the layer ops (kernels/cpu_layers.c) ----------------------------------------------
+
+needs_layers = pytest.mark.skipif(cpu_kernel.load("cpu_layers") is None,
+                                  reason="no C compiler here: the torch path is tested alone")
+
+
+def _torch_rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm, in float64 (the exact value both sides round)."""
+    x64 = x.double()
+    return weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@needs_layers
+@pytest.mark.parametrize("rows,size", [(1, 8), (7, 576), (64, 576), (3, 100)])
+def test_c_rms_norm_matches_the_float64_norm(rows, size):
+    g = torch.Generator().manual_seed(rows * size)
+    x, weight = torch.randn(rows, size, generator=g) * 3, torch.randn(size, generator=g)
+    out = cpu_kernel.rms_norm(x, weight, 1e-5)
+    # float32 against float64 of the same inputs, |out| <~ 10: measured worst 1e-6
+    torch.testing.assert_close(out.double(), _torch_rms_norm(x, weight, 1e-5),
+                               rtol=0, atol=1e-5)
+
+
+@needs_layers
+def test_c_rms_norm_with_a_residual_adds_it_in_place_first():
+    g = torch.Generator().manual_seed(0)
+    x, residual, weight = (torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g),
+                           torch.randn(64, generator=g))
+    total = residual + x                              # one float32 add: exact on both sides
+    out = cpu_kernel.rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(residual, total)
+    torch.testing.assert_close(out.double(), _torch_rms_norm(total, weight, 1e-6),
+                               rtol=0, atol=1e-5)     # as above
+
+
+@needs_layers
+def test_c_rotary_is_bit_identical_to_the_torch_rotation():
+    from minipaged.models.config import ModelConfig
+    from minipaged.models.layers import RotaryEmbedding
+
+    config = ModelConfig(architecture="llama", vocab_size=10, hidden_size=64, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=8,
+                         max_position_embeddings=256)
+    rope = RotaryEmbedding(config, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(9, 8 * 16, generator=g)      # fused rows: q, k, v of 4 + 2 + 2 heads
+    positions = torch.randint(0, 256, (9,), generator=g)
+    qk_c, qk_torch = qkv.clone(), qkv.clone()
+    cos, sin = rope.table(positions)
+    assert cpu_kernel.rotary_(qk_c[:, :96].view(9, 6, 16), cos.squeeze(1), sin.squeeze(1))
+    cpu_kernel._libs["cpu_layers"], saved = None, cpu_kernel._libs["cpu_layers"]
+    try:
+        rope((cos, sin), qk_torch[:, :96].view(9, 6, 16))      # the torch path
+    finally:
+        cpu_kernel._libs["cpu_layers"] = saved
+    assert torch.equal(qk_c, qk_torch)                 # same roundings, v untouched
+
+
+def test_layer_ops_decline_what_they_were_not_written_for():
+    x = torch.randn(4, 16)
+    assert cpu_kernel.rms_norm(x.half(), torch.ones(16).half(), 1e-5) is None
+    assert cpu_kernel.rms_norm(x.t(), torch.ones(4), 1e-5) is None          # not contiguous
+    assert not cpu_kernel.rotary_(torch.randn(2, 3, 8).half(), torch.ones(2, 4).half(),
+                                  torch.ones(2, 4).half())

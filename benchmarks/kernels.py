@@ -252,7 +252,20 @@ def main(argv: list[str] | None = None) -> int:
                   "numpy_ms": "NumPy reference (vectorised)"}
     write_csv(rows, out / f"{stem}.csv")
     plot(rows, series, title, out / f"{stem}.png")
-    print(f"wrote {out / (stem + '.csv')} and {out / (stem + '.png')}")
+    from .common import command_line, markdown_table, write_markdown
+
+    write_markdown(out / f"{stem}.md", command_line("kernels", argv), [
+        f"load average {load:.1f} at the start; torch threads: {torch.get_num_threads()}",
+        f"shapes: {NUM_HEADS} query heads, {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
+        f"block size {BLOCK_SIZE}; every sequence of the batch has the same context, its "
+        "blocks shuffled in the pool; one new token per sequence",
+        f"times: the median of up to {repeats} calls after a warm-up (ms, one layer); "
+        "*_cpu_ms: process CPU time of the same calls (all threads)",
+        "max_abs_diff: the largest difference of any timed implementation from the "
+        "reference on the same inputs",
+        "kv_GBps: bytes of K and V the batch must read, over the fastest time"],
+        [markdown_table(rows)])
+    print(f"wrote {out / (stem + '.csv')}, {out / (stem + '.png')} and {out / (stem + '.md')}")
     return 0
 
 

@@ -362,9 +362,17 @@ def add_knees(rows: list[dict]) -> tuple[list[dict], dict, str]:
     line = (f"knees (last rate before normalised latency first exceeds {KNEE_FACTOR:g}x "
             f"{baseline if baseline is None else round(baseline, 4)} s/token, the best "
             "unloaded latency of all systems): "
-            + "; ".join(f"{s}: {k if k is not None else 'below the lowest rate'}"
-                        + (" req/s" if k is not None else "") for s, k in knees.items()))
+            + "; ".join(f"{s}: {_knee_words(k, [r['rate'] for r in rows if r['system'] == s])}"
+                        for s, k in knees.items()))
     return rows, knees, line
+
+
+def _knee_words(knee_rate: float | None, rates: list[float]) -> str:
+    if knee_rate is None:
+        return "below the lowest rate"
+    if knee_rate == max(rates):
+        return f"not reached (at least {knee_rate:g} req/s, the highest rate tried)"
+    return f"{knee_rate:g} req/s"
 
 
 def plot(rows: list[dict], knees: dict, path: Path) -> None:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from minipaged.benchmarks import batch, common, memory, overhead, sharing
+from minipaged.benchmarks import batch, common, kernels, memory, overhead, sharing
 from minipaged.core.trace import make_trace
 from minipaged.model_executor.model_runner import BatchItem
 
@@ -44,9 +44,16 @@ def overhead_rows(tmp_path_factory):
     return out, run_smoke(overhead, "overhead", out)
 
 
+@pytest.fixture(scope="module")
+def kernels_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    return out, run_smoke(kernels, "kernels", out)
+
+
 @pytest.mark.parametrize("fixture,name", [("memory_rows", "memory"), ("batch_rows", "batch"),
                                           ("sharing_rows", "sharing"),
-                                          ("overhead_rows", "overhead")])
+                                          ("overhead_rows", "overhead"),
+                                          ("kernels_rows", "kernels")])
 def test_each_benchmark_writes_a_csv_a_plot_and_a_markdown_table(request, fixture, name):
     out, rows = request.getfixturevalue(fixture)
     assert rows
@@ -136,6 +143,16 @@ def test_overhead_reports_finite_positive_costs_per_sequence_step(overhead_rows)
     for r in rows:
         for column in ("engine_us", "schedule_us", "sampler_us", "wall_us"):
             assert 0 < float(r[column]) < math.inf
+
+
+def test_kernels_times_every_cpu_decode_path_and_checks_it_first(kernels_rows):
+    _, rows = kernels_rows
+    for r in rows:
+        for column in ("gather_sdpa_ms", "numpy_ms"):
+            assert 0 < float(r[column]) < math.inf
+        # the C kernel is timed where it builds (NaN marks "not built here")
+        assert float(r["c_kernel_ms"]) > 0 or math.isnan(float(r["c_kernel_ms"]))
+        assert float(r["max_abs_diff"]) < 1e-5            # fp32 paths vs the fp64 reference
 
 
 def test_last_block_bound_counts_each_sequence_in_whole_blocks():

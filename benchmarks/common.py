@@ -266,6 +266,11 @@ def wait_for_idle(max_other_cores: float = 0.3, timeout_s: float = 120.0,
         print(f"  waiting for idle cores: other processes use {cores:.2f} cores", flush=True)
 
 
+#: the 1-minute load average when the benchmark started (this module is imported first);
+#: read again when the report is written, it would count the benchmark's own last minute
+_LOAD_AT_START = round(os.getloadavg()[0], 2)
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -277,7 +282,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-                torch=torch.__version__, load_avg_1min=round(os.getloadavg()[0], 2))
+                torch=torch.__version__, load_avg_1min=_LOAD_AT_START)
 
 
 def machine_line() -> str:

@@ -183,18 +183,19 @@ class TorchBackend(AttentionBackend):
                                                      device=like.device)
         return buf[:numel].view(shape)
 
-    def _cached_plan(self, kind: str, tensors: tuple[torch.Tensor, ...], block_size: object,
+    def _cached_plan(self, kind: str, tensors: tuple[torch.Tensor, ...], shape_key: object,
                      build: Callable[[], Any]) -> Any:
         """The step's plan of this kind, built on the first layer's call and reused by the
         others. Keyed by value (a few hundred integers: cheaper than any other key that
-        stays correct when a caller refills the same tensors in place)."""
+        stays correct when a caller refills the same tensors in place), and by
+        `shape_key`, what else the plan depends on (the block size; the pool's size)."""
         cached = self._plans.get(kind)
-        if (cached is not None and cached[0] == block_size
+        if (cached is not None and cached[0] == shape_key
                 and all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
                         for a, b in zip(cached[1], tensors))):
             return cached[2]
         plan = build()
-        self._plans[kind] = (block_size, tuple(t.clone() for t in tensors), plan)
+        self._plans[kind] = (shape_key, tuple(t.clone() for t in tensors), plan)
         return plan
 
     def _decode_plan(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -352,7 +353,7 @@ class TorchBackend(AttentionBackend):
                                context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         if self._use_c_kernel(query, key_cache, value_cache):
             num_blocks, block_size = key_cache.shape[:2]
-            # checked once per step, not once per layer (keyed by the pool's size too)
+            # checked once per step, not once per layer
             plan = self._cached_plan(
                 "c_decode", (block_tables, context_lens), (block_size, num_blocks),
                 lambda: cpu_kernel.plan_decode(block_tables, context_lens, num_blocks,

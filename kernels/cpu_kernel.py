@@ -47,11 +47,13 @@ ENV_SWITCH = "MINIPAGED_CPU_KERNEL"
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 #: name -> (restype, argtypes) of every exported function
 SIGNATURES = {
-    "paged_attention_decode_f32": (_I32, [_P, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32,
-                                          _I32, _I32, _I64, _F32]),
+    "paged_attention_decode_f32": (_I32, [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32,
+                                          _I32, _I32, _I32, _F32]),
     "write_kv_f32": (None, [_P, _P, _I64, _I64, _P, _P, _P, _I64, _I64]),
     "rms_norm_f32": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _F32]),
     "rotary_f32": (None, [_P, _I64, _I64, _I64, _I64, _P, _P]),
+    "silu_and_mul_f32": (None, [_P, _P, _I64, _I64, _I64]),
+    "argmax_logsumexp_f32": (_I32, [_P, _I64, _I64, _I64, _P, _P]),
 }
 
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -61,9 +63,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIPAGED_CACHE", "~/.cache/minipaged")).expanduser() / "kernels"
 
 
+_switch: list = [None, True]     # the last value of the variable seen, and what it meant
+
+
 def enabled() -> bool:
     """False when MINIPAGED_CPU_KERNEL is set to 0 / false / no / off."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    raw = os.environ.get(ENV_SWITCH)        # read each call: tests flip it at run time
+    if raw != _switch[0]:
+        _switch[:] = [raw, (raw or "1").strip().lower() not in ("0", "false", "no", "off")]
+    return _switch[1]
 
 
 def _compiler() -> str | None:
@@ -140,7 +148,6 @@ class DecodePlan:
 
     tables: torch.Tensor     # [num_seqs, width] int64, contiguous
     lens: torch.Tensor       # [num_seqs] int64
-    max_len: int
 
 
 def plan_decode(block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
@@ -152,7 +159,7 @@ def plan_decode(block_tables: torch.Tensor, context_lens: torch.Tensor, num_bloc
     if tables.dim() != 2 or lens.shape != (tables.shape[0],):
         raise ValueError("block_tables and context_lens must have one row per sequence")
     if not len(lens):
-        return DecodePlan(tables, lens, 0)
+        return DecodePlan(tables, lens)
     max_len = int(lens.max())
     if int(lens.min()) < 1 or -(-max_len // block_size) > tables.shape[1]:
         raise ValueError("every context must hold 1 .. table width * block_size tokens")
@@ -162,7 +169,7 @@ def plan_decode(block_tables: torch.Tensor, context_lens: torch.Tensor, num_bloc
         read = tables[used]
         if int(read.min()) < 0 or int(read.max()) >= num_blocks:
             raise ValueError("block_tables name a block outside the cache")
-    return DecodePlan(tables, lens, max_len)
+    return DecodePlan(tables, lens)
 
 
 def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor,
@@ -185,12 +192,14 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor,
     plan = plan or plan_decode(block_tables, context_lens, num_blocks, block_size)
     if plan.tables.shape[0] != num_seqs:
         raise ValueError("block_tables and context_lens must have one row per sequence")
-    q = query.to(torch.float32).contiguous()
-    out = torch.empty_like(q)
+    q = query.to(torch.float32)
+    if q.shape[0] and not q[0].is_contiguous():
+        q = q.contiguous()      # each sequence's heads side by side; rows may be apart
+    out = torch.empty(q.shape, dtype=torch.float32)
     status = lib.paged_attention_decode_f32(
-        q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), plan.tables.data_ptr(),
-        plan.tables.stride(0), plan.lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
-        num_kv_heads, head_dim, block_size, plan.max_len, float(scale))
+        q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+        plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), out.data_ptr(),
+        num_seqs, num_heads, num_kv_heads, head_dim, block_size, float(scale))
     if status != 0:
         raise ValueError(f"head_dim must be a multiple of 8 up to 256, got {head_dim}")
     return out.to(query.dtype)
@@ -261,3 +270,32 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     lib.rotary_f32(x.data_ptr(), x.shape[0], x.stride(0), x.shape[1], x.shape[2],
                    cos.data_ptr(), sin.data_ptr())
     return True
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of gate_up [T, 2 * I] = [gate | up], as a new contiguous [T, I];
+    None where the C op does not apply."""
+    lib = _layers()
+    if (lib is None or gate_up.dtype != torch.float32 or gate_up.device.type != "cpu"
+            or gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 16):
+        return None
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((rows, n), dtype=torch.float32)
+    lib.silu_and_mul_f32(out.data_ptr(), gate_up.data_ptr(), rows, n, gate_up.stride(0))
+    return out
+
+
+def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(argmax, logsumexp) of each row of x [rows, n], read once: what greedy sampling
+    needs. The argmax is the first largest value's index (torch.argmax's choice). None
+    where the C op does not apply, or if a row holds a NaN."""
+    lib = _layers()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+            or x.stride(1) != 1 or x.shape[1] == 0):
+        return None
+    idx = torch.empty(x.shape[0], dtype=torch.int64)
+    lse = torch.empty(x.shape[0], dtype=torch.float32)
+    if lib.argmax_logsumexp_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+                                idx.data_ptr(), lse.data_ptr()):
+        return None
+    return idx, lse

@@ -1,5 +1,6 @@
 /* The per-token layer ops of a LLaMA decoder step, in C, for the CPU: RMSNorm (with the
- * residual add fused in) and rotary position embedding.
+ * residual add fused in), rotary position embedding, SwiGLU's silu(gate) * up, and the
+ * greedy sampler's row reduction (argmax and log-sum-exp of the logits in one pass).
  *
  * Not the paper's subject: they are here because at decode batch sizes each is a few
  * tens of thousands of floats, and torch runs each as several multi-threaded passes
@@ -10,11 +11,42 @@
  * Invariant: the arithmetic is transformers' own, operation for operation: the rotary
  * products are each rounded before they are added (built with -ffp-contract=off, so no
  * fused multiply-add changes a rounding), which makes the rotation bit-identical to
- * the torch path; RMSNorm sums the squares in another order than torch, so it agrees
- * to float32 rounding, not bit for bit.
+ * the torch path; RMSNorm sums the squares in another order than torch, and the
+ * exponentials below are this file's own, so those agree to float32 rounding, not bit
+ * for bit. Infinities and NaNs keep their IEEE meaning here (no -ffast-math).
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store8(float *p, v8 r) { memcpy(p, &r, sizeof r); }
+static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+/* exp of 8 floats (Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln2 / 2, a degree-7
+ * polynomial for exp(r)); about 1 ulp from the exact value. Above ln(FLT_MAX) it is
+ * +inf; below -87.3 it stays at ~1e-38 rather than reaching 0 (so exp8(-inf) ~ 1e-38:
+ * callers that sum it add at most n * 1e-38). */
+static inline v8 exp8(v8 in) {
+    v8 x = select8(in < splat(-87.3f), splat(-87.3f), in);
+    x = select8(x > splat(88.0f), splat(88.0f), x);
+    const v8 magic = splat(12582912.0f);            /* 1.5 * 2^23: rounds to an integer */
+    const v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    const v8 r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);
+    v8 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * (r * r) + r + splat(1.0f);
+    const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23; /* 2^n */
+    return select8(in > splat(88.7228f), splat(INFINITY), p * (v8)bits);
+}
 
 /* If residual is not NULL: residual += x (the skip connection), then the norm is taken
  * of the sum. out[r] = weight * v / sqrt(mean(v^2) + eps), v = that row. Rows of x, out
@@ -56,4 +88,67 @@ void rotary_f32(float *x, int64_t tokens, int64_t token_stride, int64_t heads,
             }
         }
     }
+}
+
+/* SwiGLU's product: out[r, i] = silu(gate[r, i]) * up[r, i], silu(g) = g / (1 + exp(-g)).
+ * gate and up are the two halves of the fused gate_up GEMM's rows (`in_stride` floats
+ * apart); out is contiguous [rows, n], ready for the down projection. n % 8 == 0. */
+void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n,
+                      int64_t in_stride) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate_up + r * in_stride, *u = g + n;
+        float *o = out + r * n;
+        for (int64_t i = 0; i < n; i += 8) {
+            const v8 x = load8(g + i);
+            store8(o + i, x / (splat(1.0f) + exp8(-x)) * load8(u + i));
+        }
+    }
+}
+
+/* For each row of x [rows, n] (rows `stride` floats apart): the index of its first
+ * largest value and log(sum(exp(x))), what greedy sampling and the chosen token's
+ * logprob need, in one read of the row. Returns 1 if a row holds a NaN (nothing is
+ * then promised about that row: the caller uses its portable path), else 0. */
+int argmax_logsumexp_f32(const float *x, int64_t rows, int64_t n, int64_t stride,
+                         int64_t *argmax, float *lse) {
+    int saw_nan = 0;
+#pragma omp parallel for schedule(static) reduction(| : saw_nan)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * stride;
+        /* 1. the largest value (8 lanes, then across them) and whether any is NaN */
+        v8 vmax = splat(-INFINITY);
+        v8i nan = {0};
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const v8 v = load8(row + i);
+            nan |= v != v;
+            vmax = select8(v > vmax, v, vmax);
+        }
+        float mx = -INFINITY;
+        for (int k = 0; k < 8; ++k) {
+            mx = vmax[k] > mx ? vmax[k] : mx;
+            saw_nan |= nan[k] != 0;
+        }
+        for (; i < n; ++i) {
+            saw_nan |= row[i] != row[i];
+            mx = row[i] > mx ? row[i] : mx;
+        }
+        /* 2. its first position (the row is in cache now) */
+        int64_t best = 0;
+        while (best < n && row[best] != mx) ++best;
+        argmax[r] = best < n ? best : 0;
+        if (mx == -INFINITY || mx == INFINITY) { /* all -inf: -inf; any +inf: +inf */
+            lse[r] = mx;
+            continue;
+        }
+        /* 3. log(sum(exp(x - max))) + max */
+        v8 acc = splat(0.0f);
+        for (i = 0; i + 8 <= n; i += 8) acc += exp8(load8(row + i) - splat(mx));
+        float total = 0.0f;
+        for (; i < n; ++i) total += expf(row[i] - mx);
+        for (int k = 0; k < 8; ++k) total += acc[k];
+        lse[r] = mx + logf(total);
+    }
+    return saw_nan;
 }

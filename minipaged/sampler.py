@@ -24,6 +24,7 @@ from typing import Callable, Union
 
 import torch
 
+from minipaged.kernels import cpu_kernel
 from minipaged.logits_processing import RANDOM_TYPES, process_logits
 from minipaged.sampling import SamplingParams, SamplingType
 from minipaged.sequence import Sequence, SequenceGroup
@@ -104,15 +105,22 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SamplerOutput:
         x = self.process_logits(logits, rows)
         tokens: list[list[int]] = [[] for _ in rows]
+        lse: dict[int, float] = {}
         greedy = [i for i, r in enumerate(rows) if r.params.sampling_type == SamplingType.GREEDY]
         if greedy:
-            for i, t in zip(greedy, _take_rows(x, greedy).argmax(dim=-1).tolist()):
+            g = _take_rows(x, greedy)
+            # on the CPU, one C pass gives the argmax and the log-sum-exp the logprob needs
+            fused = cpu_kernel.argmax_logsumexp(g)
+            best = fused[0] if fused is not None else g.argmax(dim=-1)
+            for i, t in zip(greedy, best.tolist()):
                 tokens[i] = [t]
+            if fused is not None:
+                lse.update(zip(greedy, fused[1].tolist()))
         drawn = [i for i, r in enumerate(rows) if r.params.sampling_type in RANDOM_TYPES]
         if drawn:
             for i, ts in zip(drawn, self._draw(_take_rows(x, drawn), [rows[i] for i in drawn])):
                 tokens[i] = ts
-        return SamplerOutput(_collect(x, rows, tokens), x)
+        return SamplerOutput(_collect(x, rows, tokens, lse), x)
 
     def _draw(self, x: torch.Tensor, rows: Seq[SamplingRow]) -> list[list[int]]:
         """num_samples draws per row from softmax(x): the first index where the CDF
@@ -146,13 +154,17 @@ def _take_rows(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return x if idx == list(range(x.shape[0])) else x[torch.tensor(idx, device=x.device)]
 
 
-def _collect(x: torch.Tensor, rows, tokens: list[list[int]]) -> list[list[Sample]]:
-    """Samples with their logprobs: x[token] - logsumexp(x), plus the top-k when asked."""
+def _collect(x: torch.Tensor, rows, tokens: list[list[int]],
+             lse: dict[int, float]) -> list[list[Sample]]:
+    """Samples with their logprobs: x[token] - logsumexp(x), plus the top-k when asked.
+    lse: the rows' logsumexp already known (it is computed for the others)."""
     samples: list[list[Sample]] = [[] for _ in rows]
     have = [i for i, ts in enumerate(tokens) if ts]
     if not have:
         return samples
-    lse = dict(zip(have, torch.logsumexp(_take_rows(x, have), dim=-1).tolist()))
+    missing = [i for i in have if i not in lse]
+    if missing:
+        lse.update(zip(missing, torch.logsumexp(_take_rows(x, missing), dim=-1).tolist()))
     flat = [(i, t) for i in have for t in tokens[i]]
     dev = x.device
     chosen = x[torch.tensor([i for i, _ in flat], device=dev),

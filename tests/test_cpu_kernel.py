@@ -175,3 +175,57 @@ def test_layer_ops_decline_what_they_were_not_written_for():
     assert cpu_kernel.rms_norm(x.t(), torch.ones(4), 1e-5) is None          # not contiguous
     assert not cpu_kernel.rotary_(torch.randn(2, 3, 8).half(), torch.ones(2, 4).half(),
                                   torch.ones(2, 4).half())
+    assert cpu_kernel.silu_and_mul(torch.randn(2, 16).half()) is None
+    assert cpu_kernel.silu_and_mul(torch.randn(2, 12)) is None              # 6 not 8k
+    assert cpu_kernel.argmax_logsumexp(torch.randn(3, 5).t()) is None      # rows not dense
+    assert cpu_kernel.argmax_logsumexp(torch.randn(3, 5).double()) is None
+
+
+@needs_kernel
+def test_c_decode_kernel_reads_queries_whose_rows_lie_apart():
+    # the model hands it q as a view into the fused QKV output: rows 960 floats apart
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, 9 * 16 + 2 * 3 * 16, generator=g)
+    q = qkv[:, :9 * 16].view(4, 9, 16)
+    kc, vc = torch.randn(6, 4, 3, 16, generator=g), torch.randn(6, 4, 3, 16, generator=g)
+    tables, lens = torch.tensor([[0, 1], [2, 3], [4, 0], [5, 1]]), torch.tensor([7, 8, 1, 5])
+    apart = cpu_kernel.paged_attention_decode(q, kc, vc, tables, lens, 0.25)
+    dense = cpu_kernel.paged_attention_decode(q.contiguous(), kc, vc, tables, lens, 0.25)
+    assert not q.is_contiguous() and torch.equal(apart, dense)
+
+
+@needs_layers
+@pytest.mark.parametrize("rows,size", [(1, 8), (5, 64), (64, 1536)])
+def test_c_silu_and_mul_matches_float64_swiglu(rows, size):
+    g = torch.Generator().manual_seed(rows + size)
+    gate_up = torch.randn(rows, 2 * size, generator=g) * 4
+    gate_up[0, :8] = torch.tensor([-100.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0])
+    out = cpu_kernel.silu_and_mul(gate_up)
+    gate, up = gate_up[:, :size].double(), gate_up[:, size:].double()
+    expected = gate * torch.sigmoid(gate) * up
+    assert out.shape == (rows, size) and out.is_contiguous()
+    # the file's own exp is ~1 ulp; a few float32 roundings after it
+    torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=1e-30)
+
+
+@needs_layers
+def test_c_argmax_logsumexp_matches_torch_first_maximum_and_logsumexp():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 1000, generator=g) * 10
+    x[1, 7] = x[1, 500] = x[1].max() + 1          # a tie: the first index wins
+    x[2, :] = -float("inf")                        # every token masked
+    x[2, 3] = 0.5                                  # ... but one
+    x[3, :] = -float("inf")
+    x[4, 999] = float("inf")
+    idx, lse = cpu_kernel.argmax_logsumexp(x)
+    assert torch.equal(idx, x.argmax(-1)) and idx[1] == 7
+    # fp32 sums of 1000 terms in another order, |lse| ~ 40: measured worst 4e-6
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5)
+    assert lse[3] == -float("inf") and lse[4] == float("inf")
+
+
+@needs_layers
+def test_c_argmax_logsumexp_declines_rows_holding_a_nan():
+    x = torch.randn(3, 40)
+    x[1, 9] = float("nan")
+    assert cpu_kernel.argmax_logsumexp(x) is None

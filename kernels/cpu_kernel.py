@@ -52,7 +52,6 @@ SIGNATURES = {
     "write_kv_f32": (None, [_P, _P, _I64, _I64, _P, _P, _P, _I64, _I64]),
     "rms_norm_f32": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _F32]),
     "rotary_f32": (None, [_P, _I64, _I64, _I64, _I64, _P, _P]),
-    "silu_and_mul_f32": (None, [_P, _P, _I64, _I64, _I64]),
     "argmax_logsumexp_f32": (_I32, [_P, _I64, _I64, _I64, _P, _P]),
 }
 
@@ -270,19 +269,6 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     lib.rotary_f32(x.data_ptr(), x.shape[0], x.stride(0), x.shape[1], x.shape[2],
                    cos.data_ptr(), sin.data_ptr())
     return True
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up of gate_up [T, 2 * I] = [gate | up], as a new contiguous [T, I];
-    None where the C op does not apply."""
-    lib = _layers()
-    if (lib is None or gate_up.dtype != torch.float32 or gate_up.device.type != "cpu"
-            or gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 16):
-        return None
-    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((rows, n), dtype=torch.float32)
-    lib.silu_and_mul_f32(out.data_ptr(), gate_up.data_ptr(), rows, n, gate_up.stride(0))
-    return out
 
 
 def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

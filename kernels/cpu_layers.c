@@ -1,6 +1,6 @@
 /* The per-token layer ops of a LLaMA decoder step, in C, for the CPU: RMSNorm (with the
- * residual add fused in), rotary position embedding, SwiGLU's silu(gate) * up, and the
- * greedy sampler's row reduction (argmax and log-sum-exp of the logits in one pass).
+ * residual add fused in), rotary position embedding, and the greedy sampler's row
+ * reduction (argmax and log-sum-exp of the logits in one pass).
  *
  * Not the paper's subject: they are here because at decode batch sizes each is a few
  * tens of thousands of floats, and torch runs each as several multi-threaded passes
@@ -86,22 +86,6 @@ void rotary_f32(float *x, int64_t tokens, int64_t token_stride, int64_t heads,
                 x1[i] = a;
                 x2[i] = b;
             }
-        }
-    }
-}
-
-/* SwiGLU's product: out[r, i] = silu(gate[r, i]) * up[r, i], silu(g) = g / (1 + exp(-g)).
- * gate and up are the two halves of the fused gate_up GEMM's rows (`in_stride` floats
- * apart); out is contiguous [rows, n], ready for the down projection. n % 8 == 0. */
-void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n,
-                      int64_t in_stride) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *g = gate_up + r * in_stride, *u = g + n;
-        float *o = out + r * n;
-        for (int64_t i = 0; i < n; i += 8) {
-            const v8 x = load8(g + i);
-            store8(o + i, x / (splat(1.0f) + exp8(-x)) * load8(u + i));
         }
     }
 }

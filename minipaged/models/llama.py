@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipaged.attention.base import AttentionBackend, AttentionMetadata
-from minipaged.kernels import cpu_kernel
 from minipaged.models.config import ModelConfig
 from minipaged.models.layers import (
     Linear,
@@ -81,9 +80,6 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        fused = cpu_kernel.silu_and_mul(gate_up)       # one C pass, a contiguous result
-        if fused is not None:
-            return self.down_proj(fused)
         gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
         # in place on the GEMM's output: one [T, intermediate] pass instead of three
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))

@@ -210,6 +210,10 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor:
     return x if inner and x.stride(-1) == 1 else x.contiguous()
 
 
+#: the slot mapping write_kv checked last: (tensor, its version, cache slots, int64 copy)
+_checked_slots: list = [None, -1, 0, None]
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
              value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """reshape_and_cache in C for float32 CPU tensors; False (nothing written) where it
@@ -220,11 +224,18 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
         return False
     num_tokens = key.shape[0]
     row = key_cache.shape[2] * key_cache.shape[3]
-    slots = slot_mapping.to(torch.int64).contiguous()
-    if slots.shape != (num_tokens,) or key.shape[1:] != key_cache.shape[2:]:
+    num_slots = key_cache.shape[0] * key_cache.shape[1]
+    if slot_mapping.shape != (num_tokens,) or key.shape[1:] != key_cache.shape[2:]:
         raise ValueError("key, value and slot_mapping must have one row per token")
-    if num_tokens and int(slots.max()) >= key_cache.shape[0] * key_cache.shape[1]:
-        raise ValueError("slot_mapping names a slot outside the cache")
+    checked = _checked_slots
+    if (checked[0] is slot_mapping and checked[1] == slot_mapping._version
+            and checked[2] == num_slots):
+        slots = checked[3]          # every layer of a step writes through the same mapping
+    else:
+        slots = slot_mapping.to(torch.int64).contiguous()
+        if num_tokens and int(slots.max()) >= num_slots:
+            raise ValueError("slot_mapping names a slot outside the cache")
+        checked[:] = [slot_mapping, slot_mapping._version, num_slots, slots]
     k, v = _token_rows(key), _token_rows(value)
     lib.write_kv_f32(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0),
                      key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr(),

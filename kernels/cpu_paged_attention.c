@@ -190,6 +190,8 @@ int paged_attention_decode_f32(const float *query, int64_t query_stride,
 void write_kv_f32(const float *key, const float *value, int64_t in_stride_k,
                   int64_t in_stride_v, float *key_cache, float *value_cache,
                   const int64_t *slots, int64_t num_tokens, int64_t row) {
+    /* rows land in scattered blocks: two threads keep twice as many writes in flight */
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < num_tokens; ++i) {
         if (slots[i] < 0) continue;
         memcpy(key_cache + slots[i] * row, key + i * in_stride_k, sizeof(float) * row);

@@ -213,3 +213,26 @@ def test_c_argmax_logsumexp_declines_rows_holding_a_nan():
     x = torch.randn(3, 40)
     x[1, 9] = float("nan")
     assert cpu_kernel.argmax_logsumexp(x) is None
+
+
+@needs_kernel
+def test_c_cache_write_puts_each_row_in_its_slot_and_skips_minus_one():
+    kc, vc = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+    key, value = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    assert cpu_kernel.write_kv(key, value, kc, vc, torch.tensor([5, -1, 11]))
+    flat_k, flat_v = kc.view(12, 2, 8), vc.view(12, 2, 8)
+    assert torch.equal(flat_k[5], key[0]) and torch.equal(flat_v[11], value[2])
+    assert int((flat_k.abs().sum((1, 2)) > 0).sum()) == 2          # token 1 went nowhere
+
+
+@needs_kernel
+def test_c_cache_write_rechecks_a_slot_mapping_changed_in_place():
+    kc, vc = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+    key, value = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    slots = torch.tensor([0, 1])
+    assert cpu_kernel.write_kv(key, value, kc, vc, slots)    # checked, then remembered
+    slots[1] = 12                                           # one past the last slot
+    with pytest.raises(ValueError, match="slot outside the cache"):
+        cpu_kernel.write_kv(key, value, kc, vc, slots)
+    with pytest.raises(ValueError, match="one row per token"):
+        cpu_kernel.write_kv(key, value, kc, vc, torch.tensor([0]))

@@ -132,10 +132,18 @@ class Server:
         self.stop()
 
 
+#: Why both servers run without prefix caching: every rate sends the same requests, so
+#: with it on, each rate after the first would find its prompts cached by the rate before.
+NO_PREFIX_CACHING = ("prefix caching is off in every server: each rate sends the same "
+                     "requests, and each must prefill them, not find them cached by the "
+                     "rate before")
+
+
 def minipaged_server(model: Path, port: int, log: Path) -> Server:
     argv = [sys.executable, "-m", "minipaged", "serve", "--model", str(model),
             "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
-            "--served-model-name", SERVED_NAME, "--log-level", "warning"]
+            "--served-model-name", SERVED_NAME, "--log-level", "warning",
+            "--no-prefix-caching"]          # see NO_PREFIX_CACHING
     return Server(argv, {}, port, log, startup_timeout=300)
 
 
@@ -145,7 +153,8 @@ def vllm_server(model: Path, port: int, log: Path) -> Server:
     argv = [str(PEERS_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model), "--dtype", "float32",
             "--max-model-len", str(MAX_MODEL_LEN), "--port", str(port), "--host",
-            "127.0.0.1", "--served-model-name", SERVED_NAME, "--seed", "0"]
+            "127.0.0.1", "--served-model-name", SERVED_NAME, "--seed", "0",
+            "--no-enable-prefix-caching"]   # see NO_PREFIX_CACHING
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
            "TOKENIZERS_PARALLELISM": "false"}
     return Server(argv, env, port, log, startup_timeout=900)
@@ -335,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "static batching: minipaged's scheduler has no static mode, so the benchmark's "
         f"client holds arrivals and releases up to {args.static_batch} only when the "
         "previous batch has finished; the server is the same",
+        NO_PREFIX_CACHING,
         "peers that ran: " + (", ".join(peers_ran) if peers_ran else "none"),
         *notes,
         "other processes (cores): CPU used during the run by processes other than the "

@@ -96,6 +96,10 @@ def run_minipaged(model_dir: Path, workloads: list[Workload], idle: float, repea
     from minipaged import LLM, SamplingParams
 
     t0 = time.perf_counter()
+    # Prefix caching off (in vLLM too): the prompts are distinct, and with it on every
+    # timed repeat after the first would find its prompts cached and skip the prefill
+    # that transformers, and the first repeat, pay in full.
+    engine_args.setdefault("enable_prefix_caching", False)
     llm = LLM(model=str(model_dir), max_model_len=MAX_MODEL_LEN, seed=0, **engine_args)
     startup = time.perf_counter() - t0
     runs = {}
@@ -218,6 +222,7 @@ def run_vllm(model_dir: Path, workloads: list[Workload], bind: str, idle: float,
              timeout_s: float, log: Path, repeats: int = 1) -> dict[str, dict]:
     job = dict(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
                max_tokens=workloads[0].max_tokens, idle_timeout=idle, repeats=repeats,
+               enable_prefix_caching=False,         # as run_minipaged: see there
                workloads={w.name: w.prompts for w in workloads})
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": bind,
            "TOKENIZERS_PARALLELISM": "false"}
@@ -482,7 +487,8 @@ def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
         *notes_skipped,
         f"minipaged and vLLM: the fastest of {args.repeats} timed runs per workload (every "
         "run is listed; the machine is shared and a run that meets other load is slower); "
-        "transformers: one run",
+        "transformers: one run. Prefix caching is off in minipaged and vLLM, so that every "
+        "repeat prefills its prompts in full, as transformers does",
         "llama.cpp is not run (PyPI has no prebuilt llama-cpp-python wheel for this "
         "machine; it would be built from source); for scale, its Q4_1 file, one prompt at "
         "a time, was measured on this kind of machine at 83 tokens/s (issue 8)",

@@ -1,13 +1,16 @@
 """Build and call the C kernels for the CPU: PagedAttention decode and cache writes
-(kernels/cpu_paged_attention.c) and a decoder step's small layer ops (kernels/cpu_layers.c).
+(kernels/cpu_paged_attention.c), PagedAttention for prompts (kernels/cpu_paged_prefill.c),
+and a decoder step's small layer ops (kernels/cpu_layers.c).
 
-The torch backend's portable decode gathers each sequence's blocks into a contiguous
+The torch backend's portable path gathers each sequence's blocks into a contiguous
 workspace and calls SDPA: every K/V byte is read, written, then read again. On the CPU,
 where decode attention is bound by memory, the C kernel that reads K/V in place inside
-their blocks is 1.2-3.8x (mostly ~2x) faster on its own (benchmarks/kernels.py), and ~3x inside a
-SmolLM2 decode step (64 sequences: ~190 -> ~65 ms of attention per step), where the
-gather's copies also push the weights and activations out of the caches. The layer ops (RMSNorm with the residual add fused, rotary) replace
-several multi-threaded torch passes over a few tens of KB each.
+their blocks is several times faster (benchmarks/kernels.py; inside a SmolLM2 decode
+step of 64 sequences, attention went ~190 -> ~60 ms), and the gather's copies no longer
+push the weights and activations out of the caches. The prefill kernel is blocked like
+FlashAttention (prompts are bound by arithmetic, not memory). The layer ops (RMSNorm with
+the residual add fused, rotary, the greedy sampler's argmax + log-sum-exp) replace
+several torch passes over a few tens of KB each.
 
 Each source is compiled on first use with the system C compiler (~1 s; cached under
 ~/.cache/minipaged/kernels by a hash of the source, the flags and the compiler) and
@@ -41,6 +44,7 @@ KERNELS = Path(__file__).resolve().parent
 #: ops must round exactly as transformers does (no contraction into fused multiply-adds).
 SOURCES = {
     "cpu_paged_attention": ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+    "cpu_paged_prefill": ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     "cpu_layers": ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
 }
 ENV_SWITCH = "MINIPAGED_CPU_KERNEL"
@@ -49,6 +53,8 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {
     "paged_attention_decode_f32": (_I32, [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32,
                                           _I32, _I32, _I32, _F32]),
+    "paged_attention_prefill_f32": (_I32, [_P, _I64, _P, _P, _P, _I64, _P, _P, _P, _I32,
+                                           _I32, _I32, _I32, _I32, _F32]),
     "write_kv_f32": (None, [_P, _P, _I64, _I64, _P, _P, _P, _I64, _I64]),
     "rms_norm_f32": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _F32]),
     "rotary_f32": (None, [_P, _I64, _I64, _I64, _I64, _P, _P]),
@@ -204,14 +210,70 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor,
     return out.to(query.dtype)
 
 
+@dataclass(frozen=True)
+class PrefillPlan:
+    """A prefill batch's checked tables, lengths and query offsets (int64), shared by
+    every layer of a step."""
+
+    decode: DecodePlan
+    starts: torch.Tensor     # [num_seqs + 1] int64 query_start_loc
+
+
+def plan_prefill(block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 query_start_loc: torch.Tensor, num_tokens: int, num_blocks: int,
+                 block_size: int) -> PrefillPlan:
+    """plan_decode's checks, plus: the queries of sequence i are rows
+    query_start_loc[i] .. query_start_loc[i+1] - 1, at least one and at most its context."""
+    decode = plan_decode(block_tables, context_lens, num_blocks, block_size)
+    starts = query_start_loc.to(torch.int64).contiguous()
+    if starts.shape != (decode.lens.shape[0] + 1,):
+        raise ValueError("query_start_loc must have one entry per sequence, plus one")
+    q_lens = starts[1:] - starts[:-1]
+    if len(q_lens) and (int(starts[0]) != 0 or int(starts[-1]) != num_tokens
+                        or int(q_lens.min()) < 1 or bool((q_lens > decode.lens).any())):
+        raise ValueError("query_start_loc must split the query rows into runs of "
+                         "1 .. context_len tokens, one per sequence")
+    return PrefillPlan(decode, starts)
+
+
+def paged_attention_prefill(query: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, block_tables: torch.Tensor,
+                            context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                            scale: float, plan: PrefillPlan | None = None
+                            ) -> torch.Tensor | None:
+    """query [T, H, D] -> out [T, H, D]: each new token attends causally over its
+    sequence's paged context (AttentionBackend.paged_attention_prefill's contract).
+    None when the kernel does not cover these shapes (the caller uses its torch path)."""
+    lib = load("cpu_paged_prefill")
+    if lib is None:
+        return None
+    num_tokens, num_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    if cache_head_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_heads} x {head_dim} do not fit a cache of "
+                         f"{num_kv_heads} x {cache_head_dim}")
+    plan = plan or plan_prefill(block_tables, context_lens, query_start_loc, num_tokens,
+                                num_blocks, block_size)
+    q = query.to(torch.float32)
+    if q.shape[0] and not q[0].is_contiguous():
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    status = lib.paged_attention_prefill_f32(
+        q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+        plan.decode.tables.data_ptr(), plan.decode.tables.stride(0),
+        plan.decode.lens.data_ptr(), plan.starts.data_ptr(), out.data_ptr(),
+        plan.decode.lens.shape[0], num_heads, num_kv_heads, head_dim, block_size, float(scale))
+    return out.to(query.dtype) if status == 0 else None
+
+
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
     """x [T, ...] with each token's row contiguous (a view when it already is)."""
     inner = x[0].is_contiguous() if x.shape[0] else True
     return x if inner and x.stride(-1) == 1 else x.contiguous()
 
 
-#: the slot mapping write_kv checked last: (tensor, its version, cache slots, int64 copy)
-_checked_slots: list = [None, -1, 0, None]
+#: the slot mapping write_kv checked last: (tensor, cache slots, its checked int64 copy)
+_checked_slots: list = [None, 0, None]
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -228,14 +290,15 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     if slot_mapping.shape != (num_tokens,) or key.shape[1:] != key_cache.shape[2:]:
         raise ValueError("key, value and slot_mapping must have one row per token")
     checked = _checked_slots
-    if (checked[0] is slot_mapping and checked[1] == slot_mapping._version
-            and checked[2] == num_slots):
-        slots = checked[3]          # every layer of a step writes through the same mapping
+    if (checked[0] is slot_mapping and checked[1] == num_slots
+            and torch.equal(checked[2], slot_mapping)):
+        slots = checked[2]          # every layer of a step writes through the same mapping
     else:
-        slots = slot_mapping.to(torch.int64).contiguous()
+        # a copy, compared by value next time: inference tensors keep no version counter
+        slots = slot_mapping.to(torch.int64, copy=True).contiguous()
         if num_tokens and int(slots.max()) >= num_slots:
             raise ValueError("slot_mapping names a slot outside the cache")
-        checked[:] = [slot_mapping, slot_mapping._version, num_slots, slots]
+        checked[:] = [slot_mapping, num_slots, slots]
     k, v = _token_rows(key), _token_rows(value)
     lib.write_kv_f32(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0),
                      key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr(),

@@ -1,5 +1,6 @@
-"""Spec of the C decode kernel (kernels/cpu_paged_attention.c) and of when the torch
-backend uses it.
+"""Spec of the C attention kernels (kernels/cpu_paged_attention.c for decode,
+kernels/cpu_paged_prefill.c for prompts), of the C layer ops, and of when the torch
+backend uses them.
 
 The kernel is held to kernels/reference.py in fp64 on the same float32 inputs, on the
 shared random paged batches (shuffled blocks, ragged contexts, GQA ratios 1-16, NaN in
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from minipaged.attention.torch_backend import TorchBackend
 from minipaged.kernels import cpu_kernel
 from minipaged.kernels import reference as ref
-from tests.strategies import paged_decode_cases
+from tests.strategies import paged_attention_cases, paged_decode_cases
 
 ATOL = 1e-5
 
@@ -54,6 +55,49 @@ def test_torch_backend_decodes_through_the_c_kernel_and_agrees_with_its_gather_p
     gathered = TorchBackend(c_kernel=False).paged_attention_decode(*_inputs(case), case.scale)
     # two fp32 summation orders of the same math
     torch.testing.assert_close(fast, gathered, rtol=0, atol=ATOL)
+
+
+def _prefill_inputs(case):
+    return (torch.from_numpy(case.query), torch.from_numpy(case.key_cache),
+            torch.from_numpy(case.value_cache), torch.from_numpy(case.block_tables),
+            torch.from_numpy(case.context_lens), torch.from_numpy(case.query_start_loc))
+
+
+needs_prefill = pytest.mark.skipif(cpu_kernel.load("cpu_paged_prefill") is None,
+                                   reason="no C compiler here: the torch path is tested alone")
+
+
+@needs_prefill
+@settings(max_examples=60)
+@given(case=paged_attention_cases(max_seqs=5, max_context_len=300, max_tokens=700))
+def test_c_prefill_kernel_matches_the_reference(case):
+    out = cpu_kernel.paged_attention_prefill(*_prefill_inputs(case), case.scale)
+    group = case.query.shape[1] // case.key_cache.shape[2]
+    if 48 % group:
+        assert out is None               # declined: the torch path takes this head layout
+        return
+    assert out.shape == case.query.shape and torch.isfinite(out).all()
+    np.testing.assert_allclose(out.double().numpy(), _expected(case), rtol=0, atol=ATOL)
+
+
+@needs_prefill
+@settings(max_examples=30)
+@given(case=paged_attention_cases())
+def test_torch_backend_prefills_through_the_c_kernel_and_agrees_with_its_gather_path(case):
+    fast = TorchBackend().paged_attention_prefill(*_prefill_inputs(case), case.scale)
+    gathered = TorchBackend(c_kernel=False).paged_attention_prefill(*_prefill_inputs(case),
+                                                                    case.scale)
+    torch.testing.assert_close(fast, gathered, rtol=0, atol=ATOL)   # two fp32 orders
+
+
+@needs_prefill
+def test_c_prefill_refuses_query_runs_that_do_not_fit_their_contexts():
+    q, kc = torch.randn(5, 4, 16), torch.randn(3, 4, 2, 16)
+    tables, lens = torch.tensor([[0, 1], [2, 0]]), torch.tensor([5, 3])
+    for starts in ([0, 1, 5], [0, 3, 6], [0, 5, 5], [1, 2, 5]):    # 4 > 3, past T, empty, ...
+        with pytest.raises(ValueError, match="query_start_loc"):
+            cpu_kernel.paged_attention_prefill(q, kc, kc, tables, lens,
+                                               torch.tensor(starts), 1.0)
 
 
 @needs_kernel

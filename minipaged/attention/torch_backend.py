@@ -29,6 +29,11 @@ with a realistic spread of contexts, 1 thread: 25 ms -> 8 ms per layer):
   become the `group` query rows of that head, so SDPA runs on [S, H_kv, group, D]
   queries against un-repeated K/V.
 
+On the CPU with float32 caches, decode and prefill first go to the C kernels
+(`minipaged.kernels.cpu_kernel`: kernels/cpu_paged_attention.c and cpu_paged_prefill.c),
+which read K/V where they lie in their blocks; the gather + SDPA path below is what runs
+everywhere else (and with `c_kernel=False`), and what the tests compare them with.
+
 Invariant: the workspace holds garbage past each sequence's context (padding blocks,
 the unused tail of its last block: NaN is allowed there). Masking the scores is not
 enough (NaN in K poisons the score before the mask is added; 0 * NaN = NaN in P @ V), so
@@ -384,6 +389,18 @@ class TorchBackend(AttentionBackend):
                                 value_cache: torch.Tensor, block_tables: torch.Tensor,
                                 context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                                 scale: float, max_query_len: int | None = None) -> torch.Tensor:
+        if self._use_c_kernel(query, key_cache, value_cache):
+            num_blocks, block_size = key_cache.shape[:2]
+            plan = self._cached_plan(
+                "c_prefill", (block_tables, context_lens, query_start_loc),
+                (block_size, num_blocks, query.shape[0]),
+                lambda: cpu_kernel.plan_prefill(block_tables, context_lens, query_start_loc,
+                                                query.shape[0], num_blocks, block_size))
+            out = cpu_kernel.paged_attention_prefill(query, key_cache, value_cache,
+                                                     block_tables, context_lens,
+                                                     query_start_loc, scale, plan)
+            if out is not None:       # None: a head layout the C kernel does not cover
+                return out
         num_tokens, num_heads, head_dim = query.shape
         block_size = key_cache.shape[1]
         q = query.to(key_cache.dtype)

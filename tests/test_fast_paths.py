@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from minipaged.attention.torch_backend import TorchBackend, plan_buckets
 from minipaged.kernels import reference as ref
 from minipaged.models.layers import Linear, packed_linear
+from minipaged.models import packed_linear as packed_linear_module
 
 
 @settings(max_examples=60)
@@ -140,4 +141,44 @@ def test_packed_linear_falls_back_where_it_cannot_pack():
     x = torch.randn(3, 4, dtype=torch.float64)
     holder = torch.nn.Module()
     torch.testing.assert_close(packed_linear(holder, x, w), x @ w.T)      # fp64: F.linear
-    assert "_mkl_packed" not in holder.__dict__
+    assert "_packed_weight" not in holder.__dict__
+
+
+@pytest.mark.parametrize("library", sorted(packed_linear_module._LIBRARIES))
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])
+def test_each_packed_gemm_equals_f_linear_at_any_batch_size(library, rows, monkeypatch):
+    if not packed_linear_module._works(library):
+        pytest.skip(f"{library}'s packed GEMM is not in this torch build")
+    monkeypatch.setattr(packed_linear_module, "_CHOICE", library)
+    layer = Linear(96, [40, 24], bias=True, dtype=torch.float32)
+    g = torch.Generator().manual_seed(rows)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    x = torch.randn(rows, 96, generator=g)
+    with torch.inference_mode():
+        # |y| ~ 10: a different summation order differs by ~1e-5 in fp32
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("wanted", ["mkl", "onednn", "torch"])
+def test_minipaged_gemm_picks_the_library(wanted, monkeypatch):
+    monkeypatch.setattr(packed_linear_module, "_CHOICE", None)
+    monkeypatch.setenv("MINIPAGED_GEMM", wanted)
+    works = wanted == "torch" or packed_linear_module._works(wanted)
+    assert packed_linear_module.gemm() == (wanted if works else "torch")
+
+
+def test_without_minipaged_gemm_a_working_library_is_chosen(monkeypatch):
+    monkeypatch.setattr(packed_linear_module, "_CHOICE", None)
+    monkeypatch.delenv("MINIPAGED_GEMM", raising=False)
+    working = [n for n in packed_linear_module._LIBRARIES if packed_linear_module._works(n)]
+    assert packed_linear_module.gemm() in (working or ["torch"])
+
+
+def test_a_bad_minipaged_gemm_raises_value_error_naming_it(monkeypatch):
+    monkeypatch.setattr(packed_linear_module, "_CHOICE", None)
+    monkeypatch.setenv("MINIPAGED_GEMM", "blas")
+    with pytest.raises(ValueError, match="MINIPAGED_GEMM"):
+        packed_linear_module.gemm()

@@ -6,17 +6,13 @@ allocated empty (the checkpoint fills them, so no random init is paid), Q/K/V an
 two MLP input projections are stored as one matrix each so a layer runs one GEMM where
 it would run three or two, and the rotary cos/sin table is computed once.
 
-On an x86 CPU with MKL, linear layers multiply by a *packed* copy of their weight
-(`packed_linear`): MKL's sgemm otherwise re-packs the weight matrix into its blocked
-layout on every call, which at decode batch sizes (16-128 rows) costs as much as the
-multiply itself. Measured here (2 threads, SmolLM2's shapes, fp32): 122 -> 172 GFLOP/s at
-64 rows, 61 -> 137 at 16, unchanged at 2048. The result equals F.linear's bit for bit
-above a few rows (MKL runs the same kernel; below that F.linear uses a GEMV).
+Linear layers multiply by a packed copy of their weight, through the faster of MKL's and
+oneDNN's packed GEMMs on this machine (`packed_linear`, in packed_linear.py).
 
 Invariant: a fused `Linear` is the row-wise concatenation of its shards, in the order of
 `shard_sizes`; `load_shard(i, w)` fills rows sum(shard_sizes[:i]) .. + shard_sizes[i].
-A packed copy is only ever used while the weight is unchanged (its version is checked on
-every call), so loading or editing weights can never leave a stale copy in use.
+Loading a shard writes through `.data`, which bypasses the version counter that
+packed_linear checks, so `load_shard` drops the packed copy itself.
 """
 
 from __future__ import annotations
@@ -29,54 +25,9 @@ from torch import nn
 
 from minipaged.kernels import cpu_kernel
 from minipaged.models.config import ModelConfig
+from minipaged.models.packed_linear import packed_linear
 
 _HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")     # torch >= 2.4
-_MKL_PACKING: bool | None = None                   # decided on first use (see below)
-
-
-def _mkl_packing_works() -> bool:
-    """Whether MKL's packed sgemm is there and gives F.linear's results at any batch size.
-
-    `torch.ops.mkl._mkl_linear` is a private op (torch's own graph compiler uses it).
-    Its packed weight does not depend on the row count it was packed for (MKL packs
-    only the weight matrix), so one copy serves every batch; this is checked once, on
-    small random matrices, and any failure falls back to F.linear for good.
-    """
-    global _MKL_PACKING
-    if _MKL_PACKING is None:
-        _MKL_PACKING = False
-        try:
-            if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
-                g = torch.Generator().manual_seed(0)
-                w = torch.randn(48, 40, generator=g)
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
-                _MKL_PACKING = all(
-                    torch.allclose(torch.ops.mkl._mkl_linear(x, packed, w, None, rows),
-                                   F.linear(x, w), rtol=1e-4, atol=1e-4)
-                    for rows in (1, 3, 64, 200)
-                    for x in [torch.randn(rows, 40, generator=g)])
-        except (RuntimeError, AttributeError):
-            _MKL_PACKING = False
-    return _MKL_PACKING
-
-
-def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through an MKL-packed copy of `weight` kept on `owner`
-    where that is possible (fp32 on the CPU, no autograd); F.linear elsewhere."""
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or x.requires_grad or weight.requires_grad or x.shape[-1] != weight.shape[1]
-            or not _mkl_packing_works()):
-        return F.linear(x, weight, bias)
-    # kept in __dict__, not as a buffer: it is not state (never saved, moved or loaded)
-    cached = owner.__dict__.get("_mkl_packed")
-    if cached is None or cached[0] is not weight or cached[1] != weight._version:
-        # 64: a row-count hint MKL needs for sizing; the packed data serves any count
-        cached = (weight, weight._version,
-                  torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), 64))
-        owner.__dict__["_mkl_packed"] = cached
-    rows = x.numel() // x.shape[-1]
-    return torch.ops.mkl._mkl_linear(x, cached[2], weight, bias, rows)
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -100,7 +51,7 @@ class Linear(nn.Module):
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor) -> None:
         """Copy a checkpoint tensor (one shard's weight or bias) into its rows."""
         # writes through .data bypass the version counter: drop any packed copy by hand
-        self.__dict__.pop("_mkl_packed", None)
+        self.__dict__.pop("_packed_weight", None)
         start = sum(self.shard_sizes[:shard])
         target = getattr(self, param)
         if target is None:

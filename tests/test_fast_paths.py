@@ -106,8 +106,7 @@ def test_a_plan_is_rebuilt_when_the_block_tables_change_in_place(c_kernel):
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)   # fp32 vs fp64
 
 
-@pytest.mark.parametrize("rows", [1, 3, 17, 64, 300])
-def test_packed_linear_equals_f_linear_at_any_batch_size(rows):
+def _assert_fused_linear_equals_f_linear(rows: int) -> None:
     layer = Linear(96, [40, 24], bias=True, dtype=torch.float32)
     g = torch.Generator().manual_seed(rows)
     with torch.no_grad():
@@ -118,6 +117,11 @@ def test_packed_linear_equals_f_linear_at_any_batch_size(rows):
         # |y| ~ 10: a different summation order differs by ~1e-5 in fp32
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                    rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 64, 300])
+def test_packed_linear_equals_f_linear_at_any_batch_size(rows):
+    _assert_fused_linear_equals_f_linear(rows)
 
 
 def test_a_changed_weight_is_repacked_before_its_next_use():
@@ -150,16 +154,7 @@ def test_each_packed_gemm_equals_f_linear_at_any_batch_size(library, rows, monke
     if not packed_linear_module._works(library):
         pytest.skip(f"{library}'s packed GEMM is not in this torch build")
     monkeypatch.setattr(packed_linear_module, "_CHOICE", library)
-    layer = Linear(96, [40, 24], bias=True, dtype=torch.float32)
-    g = torch.Generator().manual_seed(rows)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
-        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
-    x = torch.randn(rows, 96, generator=g)
-    with torch.inference_mode():
-        # |y| ~ 10: a different summation order differs by ~1e-5 in fp32
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
-                                   rtol=1e-5, atol=1e-4)
+    _assert_fused_linear_equals_f_linear(rows)
 
 
 @pytest.mark.parametrize("wanted", ["mkl", "onednn", "torch"])

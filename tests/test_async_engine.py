@@ -289,3 +289,38 @@ def test_a_choice_that_has_finished_sends_nothing_more():
     done = CompletionOutput(0, "ab", [0, 1], None, None, finish_reason="length")
     assert tracker.advance(0, done)[0] == "ab"
     assert tracker.advance(0, done) == (None, [], False)
+
+
+def test_from_factory_builds_the_engine_on_the_thread_that_runs_its_steps():
+    # one thread for all the model's torch work: see AsyncLLMEngine.from_factory
+    threads = {"build": None, "steps": set()}
+
+    def make() -> LLMEngine:
+        threads["build"] = threading.get_ident()
+        engine = make_engine()
+        step = engine.step
+
+        def recorded_step(*args, **kwargs):
+            threads["steps"].add(threading.get_ident())
+            return step(*args, **kwargs)
+
+        engine.step = recorded_step
+        return engine
+
+    async def main():
+        engine = AsyncLLMEngine.from_factory(make)
+        engine.start()
+        await drain(await engine.add_request(None, greedy(4), prompt_token_ids=[1, 2]))
+        await engine.shutdown()
+
+    run(main())
+    assert threads["build"] != threading.get_ident()          # not the caller's thread
+    assert threads["steps"] == {threads["build"]}
+
+
+def test_from_factory_raises_what_the_factory_raised():
+    def make() -> LLMEngine:
+        raise ValueError("model: no such file")
+
+    with pytest.raises(ValueError, match="model: no such file"):
+        AsyncLLMEngine.from_factory(make)

@@ -85,6 +85,12 @@ class RequestStream:
                 self._abort(self.request_id)
 
 
+def _step_thread() -> ThreadPoolExecutor:
+    """The one worker thread an AsyncLLMEngine runs its steps on (never in the event loop,
+    which must stay free to accept requests and stream tokens)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="minipaged-step")
+
+
 class AsyncLLMEngine:
     """Runs `engine.step()` in a worker thread while requests come and go.
 
@@ -96,14 +102,16 @@ class AsyncLLMEngine:
     live requests whose abort was applied.
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, worker: ThreadPoolExecutor | None = None) -> None:
+        """worker: the one-thread pool that runs the steps (the one `from_factory` built the
+        engine on); a new one by default."""
         self.engine = engine
         self.output_listeners: list[OutputListener] = []
         self.abort_listeners: list[AbortListener] = []
         self._streams: dict[str, RequestStream] = {}
         self._pending_adds: list[tuple[asyncio.Future, str, dict]] = []
         self._pending_aborts: set[str] = set()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minipaged-step")
+        self._worker = worker or _step_thread()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
@@ -114,7 +122,28 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config) -> "AsyncLLMEngine":
-        return cls(LLMEngine.from_config(config))
+        return cls.from_factory(lambda: LLMEngine.from_config(config))
+
+    @classmethod
+    def from_factory(cls, make: Callable[[], LLMEngine]) -> "AsyncLLMEngine":
+        """An AsyncLLMEngine whose engine `make()` builds on the thread that will run its
+        steps, so that the model's torch work all happens on one thread.
+
+        Why it matters: OpenMP gives every thread that starts parallel work its own pool
+        of helper threads. If the main thread loads the model (one pool) and a worker then
+        runs the steps (a second pool), the process has more OpenMP threads than cores,
+        and libgomp then stops spinning between parallel regions: each of the hundreds of
+        small parallel regions of a step waits for its helpers to wake up. Measured on 2
+        cores, one SmolLM2 request decoded at 30 ms/token that way, 19 when the model was
+        loaded on the stepping thread.
+        """
+        worker = _step_thread()
+        try:
+            engine = worker.submit(make).result()
+        except BaseException:
+            worker.shutdown(wait=False)
+            raise
+        return cls(engine, worker)
 
     @property
     def tokenizer(self):

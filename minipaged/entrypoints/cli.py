@@ -202,8 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = engine_config(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
-    llm = load_llm(config)
-    engine = AsyncLLMEngine(llm.llm_engine)
+    # loaded on the engine's stepping thread: see AsyncLLMEngine.from_factory
+    engine = AsyncLLMEngine.from_factory(lambda: load_llm(config).llm_engine)
     return run_server(engine, args.served_model_name or [config.model], host=args.host,
                       port=args.port, model_root=str(config.model), log_level=args.log_level)
 

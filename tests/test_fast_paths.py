@@ -177,3 +177,19 @@ def test_a_bad_minipaged_gemm_raises_value_error_naming_it(monkeypatch):
     monkeypatch.setenv("MINIPAGED_GEMM", "blas")
     with pytest.raises(ValueError, match="MINIPAGED_GEMM"):
         packed_linear_module.gemm()
+
+
+def test_a_weight_packed_for_one_library_is_repacked_for_the_other(monkeypatch):
+    working = [n for n in sorted(packed_linear_module._LIBRARIES)
+               if packed_linear_module._works(n)]
+    if len(working) < 2:
+        pytest.skip("this torch build has fewer than two packed GEMMs")
+    layer = Linear(32, 16, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 32))
+    x = torch.randn(8, 32)
+    for library in working:
+        monkeypatch.setattr(packed_linear_module, "_CHOICE", library)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), x @ layer.weight.T, rtol=1e-5, atol=1e-4)
+        assert layer.__dict__["_packed_weight"][2] == library

@@ -109,14 +109,17 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through a packed copy of `weight` kept on `owner` where
     that is possible (fp32 on the CPU, no autograd); F.linear elsewhere."""
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or x.requires_grad or weight.requires_grad or x.shape[-1] != weight.shape[1]
-            or gemm() == "torch"):
+    library = gemm()
+    if (library == "torch" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or x.requires_grad or weight.requires_grad
+            or x.shape[-1] != weight.shape[1]):
         return F.linear(x, weight, bias)
-    pack, run = _LIBRARIES[gemm()]
+    pack, run = _LIBRARIES[library]
     # kept in __dict__, not as a buffer: it is not state (never saved, moved or loaded)
+    # (the library too: a copy packed for one is meaningless to the other)
+    key = (weight, weight._version, library)
     cached = owner.__dict__.get("_packed_weight")
-    if cached is None or cached[0] is not weight or cached[1] != weight._version:
-        cached = (weight, weight._version, pack(weight.detach()))
+    if cached is None or cached[0] is not weight or cached[1:] != key[1:]:
+        cached = (*key, pack(weight.detach()))
         owner.__dict__["_packed_weight"] = cached
-    return run(x, cached[2], weight, bias, x.numel() // x.shape[-1])
+    return run(x, cached[3], weight, bias, x.numel() // x.shape[-1])

@@ -193,3 +193,18 @@ def test_a_weight_packed_for_one_library_is_repacked_for_the_other(monkeypatch):
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), x @ layer.weight.T, rtol=1e-5, atol=1e-4)
         assert layer.__dict__["_packed_weight"][2] == library
+
+
+def test_an_unchanged_weight_is_packed_once_and_reused():
+    layer = Linear(32, 16, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 32))
+    x = torch.randn(8, 32)
+    with torch.inference_mode():
+        layer(x)
+        first = layer.__dict__.get("_packed_weight")
+        layer(x)
+    if packed_linear_module.gemm() == "torch":
+        assert first is None                     # F.linear: nothing packed
+    else:
+        assert layer.__dict__["_packed_weight"] is first

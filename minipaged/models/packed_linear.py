@@ -116,10 +116,11 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
         return F.linear(x, weight, bias)
     pack, run = _LIBRARIES[library]
     # kept in __dict__, not as a buffer: it is not state (never saved, moved or loaded)
-    # (the library too: a copy packed for one is meaningless to the other)
-    key = (weight, weight._version, library)
+    # (weight, its version, library, packed copy): a copy packed for one library is
+    # meaningless to the other, so the library is part of what must match
     cached = owner.__dict__.get("_packed_weight")
-    if cached is None or cached[0] is not weight or cached[1:] != key[1:]:
-        cached = (*key, pack(weight.detach()))
+    if (cached is None or cached[0] is not weight
+            or (cached[1], cached[2]) != (weight._version, library)):
+        cached = (weight, weight._version, library, pack(weight.detach()))
         owner.__dict__["_packed_weight"] = cached
     return run(x, cached[3], weight, bias, x.numel() // x.shape[-1])

@@ -124,11 +124,16 @@ def test_packed_linear_equals_f_linear_at_any_batch_size(rows):
     _assert_fused_linear_equals_f_linear(rows)
 
 
-def test_a_changed_weight_is_repacked_before_its_next_use():
+def _small_layer_and_input() -> tuple[Linear, torch.Tensor]:
+    """A [16 x 32] Linear with random weights (no bias) and 8 input rows."""
     layer = Linear(32, 16, bias=False, dtype=torch.float32)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(16, 32))
-    x = torch.randn(8, 32)
+    return layer, torch.randn(8, 32)
+
+
+def test_a_changed_weight_is_repacked_before_its_next_use():
+    layer, x = _small_layer_and_input()
     with torch.inference_mode():
         layer(x)                                  # packs the first weight
     with torch.no_grad():
@@ -184,10 +189,7 @@ def test_a_weight_packed_for_one_library_is_repacked_for_the_other(monkeypatch):
                if packed_linear_module._works(n)]
     if len(working) < 2:
         pytest.skip("this torch build has fewer than two packed GEMMs")
-    layer = Linear(32, 16, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(16, 32))
-    x = torch.randn(8, 32)
+    layer, x = _small_layer_and_input()
     for library in working:
         monkeypatch.setattr(packed_linear_module, "_CHOICE", library)
         with torch.inference_mode():
@@ -196,10 +198,7 @@ def test_a_weight_packed_for_one_library_is_repacked_for_the_other(monkeypatch):
 
 
 def test_an_unchanged_weight_is_packed_once_and_reused():
-    layer = Linear(32, 16, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(16, 32))
-    x = torch.randn(8, 32)
+    layer, x = _small_layer_and_input()
     with torch.inference_mode():
         layer(x)
         first = layer.__dict__.get("_packed_weight")

@@ -3,17 +3,20 @@
  * block instead of first gathering a contiguous copy.
  *
  * One task per sequence (OpenMP spreads them over the cores). The task walks the
- * sequence's block table once; for each block it
- *   1. scores all query heads against the block's keys (a key row holds every KV head
- *      side by side, so the row is read once and each KV head's slice serves the
- *      `group` query heads that share it: grouped-query attention);
+ * sequence's block table once; for each block and each query head it
+ *   1. scores the head against the block's keys (its KV head's slice of each key row:
+ *      the `group` query heads that share a KV head read the same slice, which stays in
+ *      the L1 cache between them: grouped-query attention);
  *   2. folds the scores into a running softmax (online softmax, as in FlashAttention:
  *      keep each head's running max and sum, rescale the partial output when the max
  *      grows), so the probabilities of the block are final for this block alone;
  *   3. adds the block's value rows, weighted by those probabilities.
- * Keys and values of a block are used back to back, and the rows of the next block are
- * prefetched one row ahead: decode attention is bound by memory latency, and the few
- * hundred instructions spent on a row would otherwise leave too few loads in flight.
+ * Meanwhile it asks for the next block it will read (the sequence's next block, or the
+ * first block of the sequence it will likely take next), a share per head, so that the
+ * block is in the cache when it is needed. Decode attention is bound by memory: the
+ * blocks of a sequence lie anywhere in the cache, where the hardware prefetcher, which
+ * follows addresses in a line, cannot guess them. Prefetching the next block doubled
+ * the kernel's speed on a Zen 5 EPYC (benchmarks/kernels.py).
  *
  * Invariant: only slots 0 .. context_len - 1 of a sequence are read. The tail of its
  * last block, and the block-table entries past its last block, may hold anything.
@@ -33,6 +36,7 @@
  * pool that would compete with them for the cores.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,64 +48,76 @@ typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
 static inline void store8(float *p, v8 r) { memcpy(p, &r, sizeof r); }
-static inline float sum8(v8 a) { return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]; }
 
-/* Ask for one token's row (all KV heads) before it is needed. */
-static inline void prefetch_row(const float *p, int64_t row) {
-    for (int64_t i = 0; i < row; i += 16) __builtin_prefetch(p + i, 0, 3); /* 64 B lines */
+/* What a key row past the context reads instead: score lanes of missing tokens are
+ * computed from zeros (and never used), so no slot past context_len is touched. */
+static const float ZERO_ROW[8 * MAX_VECS];
+
+/* The eight sums of eight vectors' lanes, as one vector: r[t] = sum of p[t]'s lanes.
+ * A transposing tree of shuffles and adds (7 of each), where summing each vector on
+ * its own would take 8 x 7 scalar adds. */
+static inline v8 sum_lanes8(const v8 p[8]) {
+    v8 t[4], u[2];
+    for (int i = 0; i < 4; ++i) /* lanes 2k, 2k+1 of p[2i] and p[2i+1], interleaved */
+        t[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(p[2 * i], p[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i)
+        u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* The row `ahead` rows after row j of this block: in this block, or in the next one
- * (NULL when this is the last block). */
-static inline const float *row_ahead(const float *block, const float *next, int64_t j,
-                                     int64_t m, int64_t row) {
-    const int64_t ahead = j + 1;
-    if (ahead < m) return block + ahead * row;
-    return next ? next + (ahead - m) * row : NULL;
-}
-
-/* scores[h * block_size + j] = q_h . k_j (q pre-scaled) for every query head h and each
- * of the block's m keys. */
-static void score_block(const v8 *qv, const float *k, const float *next, int64_t m,
-                        int num_kv_heads, int group, int nv, int block_size, float *scores) {
-    const int64_t row = (int64_t)num_kv_heads * nv * 8;
-    for (int64_t j = 0; j < m; ++j) {
-        const float *kj = k + j * row, *later = row_ahead(k, next, j, m, row);
-        if (later) prefetch_row(later, row);
-        for (int kh = 0; kh < num_kv_heads; ++kh) {
-            const float *kk = kj + (int64_t)kh * nv * 8;
-            for (int g = 0; g < group; ++g) {
-                const int h = kh * group + g;
-                const v8 *q = qv + (int64_t)h * nv;
-                v8 a0 = q[0] * load8(kk), a1 = (v8){0};
-                int i = 1;
-                for (; i + 1 < nv; i += 2) { /* two independent FMA chains */
-                    a1 += q[i] * load8(kk + 8 * i);
-                    a0 += q[i + 1] * load8(kk + 8 * i + 8);
-                }
-                if (i < nv) a1 += q[i] * load8(kk + 8 * i);
-                scores[h * block_size + j] = sum8(a0 + a1);
-            }
-        }
+/* scores[j] = q . k_j (q pre-scaled, nv vectors) for the block's keys j < m of one KV
+ * head (`k` points at that head's slice of row 0; rows are `row` floats apart), eight
+ * keys at a time: each key gets its own accumulator, so eight FMA chains run side by
+ * side, and the eight dot products are finished together by sum_lanes8.
+ * scores must have room for m rounded up to a multiple of 8. */
+static void score_head(const v8 *q, const float *k, int64_t m, int64_t row, int nv,
+                       float *scores) {
+    for (int64_t j0 = 0; j0 < m; j0 += 8) {
+        const float *kt[8];
+        for (int t = 0; t < 8; ++t) kt[t] = j0 + t < m ? k + (j0 + t) * row : ZERO_ROW;
+        v8 p[8] = {{0}};
+        for (int i = 0; i < nv; ++i)
+            for (int t = 0; t < 8; ++t) p[t] += q[i] * load8(kt[t] + 8 * i);
+        store8(scores + j0, sum_lanes8(p));
     }
 }
 
-/* acc_h += probs[h * block_size + j] * v_j for every query head h and the m values. */
-static void weigh_block(const float *probs, const float *v, const float *next, int64_t m,
-                        int num_kv_heads, int group, int nv, int block_size, v8 *acc) {
-    const int64_t row = (int64_t)num_kv_heads * nv * 8;
-    for (int64_t j = 0; j < m; ++j) {
-        const float *vj = v + j * row, *later = row_ahead(v, next, j, m, row);
-        if (later) prefetch_row(later, row);
-        for (int kh = 0; kh < num_kv_heads; ++kh) {
-            const float *vv = vj + (int64_t)kh * nv * 8;
-            for (int g = 0; g < group; ++g) {
-                const int h = kh * group + g;
-                const float p = probs[h * block_size + j];
-                v8 *a = acc + (int64_t)h * nv;
-                for (int i = 0; i < nv; ++i) a[i] += p * load8(vv + 8 * i);
-            }
+/* acc += sum over j < m of probs[j] * v_j for one query head (`v` as `k` above). The
+ * output vectors are the outer loop, so each stays in a register for the whole block
+ * (two of them, each fed by two chains of FMAs over alternate keys). */
+static void weigh_head(const float *probs, const float *v, int64_t m, int64_t row, int nv,
+                       v8 *acc) {
+    int i = 0;
+    for (; i + 2 <= nv; i += 2) {
+        v8 a0 = acc[i], a1 = acc[i + 1], b0 = {0}, b1 = {0};
+        int64_t j = 0;
+        for (; j + 2 <= m; j += 2) {
+            const float *v0 = v + j * row + 8 * i, *v1 = v0 + row;
+            a0 += probs[j] * load8(v0);
+            a1 += probs[j] * load8(v0 + 8);
+            b0 += probs[j + 1] * load8(v1);
+            b1 += probs[j + 1] * load8(v1 + 8);
         }
+        if (j < m) {
+            const float *v0 = v + j * row + 8 * i;
+            a0 += probs[j] * load8(v0);
+            a1 += probs[j] * load8(v0 + 8);
+        }
+        acc[i] = a0 + b0;
+        acc[i + 1] = a1 + b1;
+    }
+    if (i < nv) {
+        v8 a0 = acc[i], b0 = {0};
+        int64_t j = 0;
+        for (; j + 2 <= m; j += 2) {
+            a0 += probs[j] * load8(v + j * row + 8 * i);
+            b0 += probs[j + 1] * load8(v + (j + 1) * row + 8 * i);
+        }
+        if (j < m) a0 += probs[j] * load8(v + j * row + 8 * i);
+        acc[i] = a0 + b0;
     }
 }
 
@@ -124,6 +140,19 @@ static float fold_softmax(float *sc, int64_t m, int first, float *run_max, float
     return alpha;
 }
 
+/* Ask for part `part` of `parts` of a block's keys and values (`floats` each) before
+ * they are needed. Issued in parts, between the heads' work, rather than all at once:
+ * a burst of several hundred requests would stall on the core's few miss buffers. */
+static inline void prefetch_share(const float *k, const float *v, int64_t floats, int part,
+                                  int parts) {
+    const int64_t lines = (floats + 15) / 16; /* 64-byte lines of 16 floats */
+    const int64_t first = lines * part / parts, last = lines * (part + 1) / parts;
+    for (int64_t i = first; i < last; ++i) {
+        __builtin_prefetch(k + 16 * i, 0, 3);
+        __builtin_prefetch(v + 16 * i, 0, 3);
+    }
+}
+
 /* Returns 0, or -1 if head_dim is not a multiple of 8 in 8 .. 8 * MAX_VECS. */
 int paged_attention_decode_f32(const float *query, int64_t query_stride,
                                const float *key_cache, const float *value_cache,
@@ -134,12 +163,15 @@ int paged_attention_decode_f32(const float *query, int64_t query_stride,
     if (head_dim % 8 || head_dim < 8 || head_dim > 8 * MAX_VECS) return -1;
     const int nv = head_dim / 8;
     const int group = num_heads / num_kv_heads;
-    const int64_t block_floats = (int64_t)block_size * num_kv_heads * head_dim;
+    const int64_t row = (int64_t)num_kv_heads * head_dim; /* floats per token */
+    const int64_t block_floats = block_size * row;
     const size_t vecs = (size_t)num_heads * nv;
+    const int score_stride = (block_size + 7) / 8 * 8; /* score_head writes 8 at a time */
 
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * block_size * num_heads);
+        const int threads = omp_get_num_threads();
+        float *scores = malloc(sizeof(float) * score_stride * num_heads);
         float *run_max = malloc(sizeof(float) * num_heads);
         float *run_sum = malloc(sizeof(float) * num_heads);
         v8 *qv = aligned_alloc(32, sizeof(v8) * vecs);   /* v8 needs 32-byte alignment */
@@ -156,19 +188,28 @@ int paged_attention_decode_f32(const float *query, int64_t query_stride,
             for (int h = 0; h < num_heads; ++h) run_sum[h] = 0.0f;
             for (int64_t t0 = 0, b = 0; t0 < n; t0 += block_size, ++b) {
                 const int64_t m = n - t0 < block_size ? n - t0 : block_size;
-                const int last = t0 + block_size >= n;
                 const float *k = key_cache + table[b] * block_floats;
                 const float *v = value_cache + table[b] * block_floats;
-                score_block(qv, k, last ? NULL : key_cache + table[b + 1] * block_floats, m,
-                            num_kv_heads, group, nv, block_size, scores);
+                /* the block after this one in this sequence, else the first block
+                 * of the sequence this thread is likely to take next */
+                const int64_t next = t0 + block_size < n ? table[b + 1]
+                                     : s + threads < num_seqs
+                                         ? block_tables[(int64_t)(s + threads) * table_stride]
+                                         : -1;
                 for (int h = 0; h < num_heads; ++h) {
-                    const float alpha = fold_softmax(scores + h * block_size, m, t0 == 0,
-                                                     run_max + h, run_sum + h);
+                    if (next >= 0)
+                        prefetch_share(key_cache + next * block_floats,
+                                       value_cache + next * block_floats, block_floats, h,
+                                       num_heads);
+                    /* query head h reads KV head h / group, at that offset in each row */
+                    const int64_t off = (int64_t)(h / group) * head_dim;
+                    float *sc = scores + h * score_stride;
+                    score_head(qv + h * nv, k + off, m, row, nv, sc);
+                    const float alpha = fold_softmax(sc, m, t0 == 0, run_max + h, run_sum + h);
                     if (t0 > 0 && alpha != 1.0f)
                         for (int i = 0; i < nv; ++i) acc[h * nv + i] *= alpha;
+                    weigh_head(sc, v + off, m, row, nv, acc + h * nv);
                 }
-                weigh_block(scores, v, last ? NULL : value_cache + table[b + 1] * block_floats,
-                            m, num_kv_heads, group, nv, block_size, acc);
             }
             float *o = out + (int64_t)s * num_heads * head_dim;
             for (int h = 0; h < num_heads; ++h) {

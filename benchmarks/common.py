@@ -1,6 +1,6 @@
 """What every scheduler-level benchmark shares: the KV budget, the traces, a recording stub
-model, a loop that feeds an engine on a trace's clock, the machine's load, and the
-table / CSV / markdown / plot writers (paper section 6's set-up, scaled to a stub model).
+model, a loop that feeds an engine on a trace's clock, and the table / CSV / markdown /
+plot writers (the machine's description and load are in machine.py) (paper section 6's set-up, scaled to a stub model).
 
 The KV budget is the paper's OPT-13B on one 40 GB A100 (section 6.1, Fig. 1): about
 12 GiB left for the KV cache after the 26 GB of weights, at 800 KiB per token (2 (K, V)
@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import os
-import platform
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,8 @@ from minipaged.core.trace import Request, make_trace
 from minipaged.engine import LLMEngine
 from minipaged.model_executor.executor import StubExecutor
 from minipaged.sampling import SamplingParams
+
+from .machine import machine_line
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
@@ -204,91 +203,6 @@ def last_block_bound(lengths: Iterable[int], block_size: int) -> tuple[int, int]
         slots += -(-n // block_size) * block_size
     return tokens, slots
 
-
-
-# ---- the machine ------------------------------------------------------------------------
-
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
-    return sum(fields[:8]) - fields[3] - fields[4]
-
-
-def _own_jiffies() -> int:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])   # utime, stime (this process, all threads)
-
-
-class OtherLoad:
-    """Cores' worth of CPU that OTHER processes used between start() and stop()
-    (from /proc/stat minus this process's own time); None where /proc is missing."""
-
-    def __init__(self) -> None:
-        self.cores: float | None = None
-        self._start: tuple[int, int, float] | None = None
-
-    def start(self) -> "OtherLoad":
-        try:
-            self._start = (_busy_jiffies(), _own_jiffies(), time.monotonic())
-        except OSError:
-            self._start = None
-        return self
-
-    def stop(self) -> float | None:
-        if self._start is None:
-            return None
-        busy0, own0, t0 = self._start
-        elapsed = time.monotonic() - t0
-        other = (_busy_jiffies() - busy0) - (_own_jiffies() - own0)
-        self.cores = max(0.0, other / os.sysconf("SC_CLK_TCK") / max(elapsed, 1e-9))
-        return self.cores
-
-    def __enter__(self) -> "OtherLoad":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def wait_for_idle(max_other_cores: float = 0.3, timeout_s: float = 120.0,
-                  sample_s: float = 1.0) -> float | None:
-    """Wait until other processes use less than `max_other_cores` over `sample_s`, or
-    until `timeout_s`; returns the last measured use (the caller records it)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        load = OtherLoad().start()
-        time.sleep(sample_s)
-        cores = load.stop()
-        if cores is None or cores < max_other_cores or time.monotonic() >= deadline:
-            return cores
-        print(f"  waiting for idle cores: other processes use {cores:.2f} cores", flush=True)
-
-
-#: the 1-minute load average when the benchmark started (this module is imported first);
-#: read again when the report is written, it would count the benchmark's own last minute
-_LOAD_AT_START = round(os.getloadavg()[0], 2)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-                torch=torch.__version__, load_avg_1min=_LOAD_AT_START)
-
-
-def machine_line() -> str:
-    m = machine_info()
-    return (f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; "
-            f"load average {m['load_avg_1min']} at the start")
 
 
 # ---- output --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .common import OtherLoad, wait_for_idle
+from .machine import OtherLoad, wait_for_idle
 from .workload import MAX_MODEL_LEN, Workload, run_peer
 
 

@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from .common import (OtherLoad, add_common_args, command_line, format_table, greedy,
-                     make_engine, markdown_table, out_dir, prompt_tokens, pyplot,
-                     single_threaded_torch, wait_for_idle, write_csv, write_markdown)
+from .common import (add_common_args, command_line, format_table, greedy, make_engine,
+                     markdown_table, out_dir, prompt_tokens, pyplot, single_threaded_torch,
+                     write_csv, write_markdown)
+from .machine import OtherLoad, wait_for_idle
 
 BLOCK_SIZE = 16
 VOCAB = 64

@@ -45,11 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import (add_common_args, command_line, format_table, machine_line,
-                     markdown_table, out_dir, pyplot, wait_for_idle, write_csv,
-                     write_markdown)
+from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
+                     pyplot, write_csv, write_markdown)
 from .engines import hf_model, run_hf_continuous, run_hf_static, run_minipaged, run_vllm
 from .identity import NEAR_TIE, identity
+from .machine import machine_line, wait_for_idle
 from .workload import (MAX_MODEL_LEN, WORKLOADS, Workload, ensure_hf_dir, make_prompts,
                        model_flops, peers_available, smoke_model)
 

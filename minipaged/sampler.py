@@ -24,7 +24,7 @@ from typing import Callable, Union
 
 import torch
 
-from minipaged.kernels import cpu_kernel
+from minipaged.kernels import cpu_layers
 from minipaged.logits_processing import RANDOM_TYPES, process_logits
 from minipaged.sampling import SamplingParams, SamplingType
 from minipaged.sequence import Sequence, SequenceGroup
@@ -110,7 +110,7 @@ class Sampler:
         if greedy:
             g = _take_rows(x, greedy)
             # on the CPU, one C pass gives the argmax and the log-sum-exp the logprob needs
-            fused = cpu_kernel.argmax_logsumexp(g)
+            fused = cpu_layers.argmax_logsumexp(g)
             best = fused[0] if fused is not None else g.argmax(dim=-1)
             for i, t in zip(greedy, best.tolist()):
                 tokens[i] = [t]

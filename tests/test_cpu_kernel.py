@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 
 from minipaged.attention.torch_backend import TorchBackend
-from minipaged.kernels import cpu_kernel
+from minipaged.kernels import cpu_kernel, cpu_layers
 from minipaged.kernels import reference as ref
 from tests.strategies import paged_attention_cases, paged_decode_cases
 
@@ -172,7 +172,7 @@ def _torch_rms_norm(x, weight, eps):
 def test_c_rms_norm_matches_the_float64_norm(rows, size):
     g = torch.Generator().manual_seed(rows * size)
     x, weight = torch.randn(rows, size, generator=g) * 3, torch.randn(size, generator=g)
-    out = cpu_kernel.rms_norm(x, weight, 1e-5)
+    out = cpu_layers.rms_norm(x, weight, 1e-5)
     # float32 against float64 of the same inputs, |out| <~ 10: measured worst 1e-6
     torch.testing.assert_close(out.double(), _torch_rms_norm(x, weight, 1e-5),
                                rtol=0, atol=1e-5)
@@ -184,7 +184,7 @@ def test_c_rms_norm_with_a_residual_adds_it_in_place_first():
     x, residual, weight = (torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g),
                            torch.randn(64, generator=g))
     total = residual + x                              # one float32 add: exact on both sides
-    out = cpu_kernel.rms_norm(x, weight, 1e-6, residual)
+    out = cpu_layers.rms_norm(x, weight, 1e-6, residual)
     assert torch.equal(residual, total)
     torch.testing.assert_close(out.double(), _torch_rms_norm(total, weight, 1e-6),
                                rtol=0, atol=1e-5)     # as above
@@ -204,7 +204,7 @@ def test_c_rotary_is_bit_identical_to_the_torch_rotation():
     positions = torch.randint(0, 256, (9,), generator=g)
     qk_c, qk_torch = qkv.clone(), qkv.clone()
     cos, sin = rope.table(positions)
-    assert cpu_kernel.rotary_(qk_c[:, :96].view(9, 6, 16), cos.squeeze(1), sin.squeeze(1))
+    assert cpu_layers.rotary_(qk_c[:, :96].view(9, 6, 16), cos.squeeze(1), sin.squeeze(1))
     cpu_kernel._libs["cpu_layers"], saved = None, cpu_kernel._libs["cpu_layers"]
     try:
         rope((cos, sin), qk_torch[:, :96].view(9, 6, 16))      # the torch path
@@ -215,12 +215,12 @@ def test_c_rotary_is_bit_identical_to_the_torch_rotation():
 
 def test_layer_ops_decline_what_they_were_not_written_for():
     x = torch.randn(4, 16)
-    assert cpu_kernel.rms_norm(x.half(), torch.ones(16).half(), 1e-5) is None
-    assert cpu_kernel.rms_norm(x.t(), torch.ones(4), 1e-5) is None          # not contiguous
-    assert not cpu_kernel.rotary_(torch.randn(2, 3, 8).half(), torch.ones(2, 4).half(),
+    assert cpu_layers.rms_norm(x.half(), torch.ones(16).half(), 1e-5) is None
+    assert cpu_layers.rms_norm(x.t(), torch.ones(4), 1e-5) is None          # not contiguous
+    assert not cpu_layers.rotary_(torch.randn(2, 3, 8).half(), torch.ones(2, 4).half(),
                                   torch.ones(2, 4).half())
-    assert cpu_kernel.argmax_logsumexp(torch.randn(3, 5).t()) is None      # rows not dense
-    assert cpu_kernel.argmax_logsumexp(torch.randn(3, 5).double()) is None
+    assert cpu_layers.argmax_logsumexp(torch.randn(3, 5).t()) is None      # rows not dense
+    assert cpu_layers.argmax_logsumexp(torch.randn(3, 5).double()) is None
 
 
 @needs_kernel
@@ -245,7 +245,7 @@ def test_c_argmax_logsumexp_matches_torch_first_maximum_and_logsumexp():
     x[2, 3] = 0.5                                  # ... but one
     x[3, :] = -float("inf")
     x[4, 999] = float("inf")
-    idx, lse = cpu_kernel.argmax_logsumexp(x)
+    idx, lse = cpu_layers.argmax_logsumexp(x)
     assert torch.equal(idx, x.argmax(-1)) and idx[1] == 7
     # fp32 sums of 1000 terms in another order, |lse| ~ 40: measured worst 4e-6
     torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5)
@@ -256,7 +256,7 @@ def test_c_argmax_logsumexp_matches_torch_first_maximum_and_logsumexp():
 def test_c_argmax_logsumexp_declines_rows_holding_a_nan():
     x = torch.randn(3, 40)
     x[1, 9] = float("nan")
-    assert cpu_kernel.argmax_logsumexp(x) is None
+    assert cpu_layers.argmax_logsumexp(x) is None
 
 
 @needs_kernel

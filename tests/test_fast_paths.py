@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipaged.attention.torch_backend import TorchBackend, plan_buckets
+from minipaged.attention.buckets import plan_buckets
+from minipaged.attention.torch_backend import TorchBackend
 from minipaged.kernels import reference as ref
 from minipaged.models.layers import Linear, packed_linear
 from minipaged.models import packed_linear as packed_linear_module

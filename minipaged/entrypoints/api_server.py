@@ -9,7 +9,7 @@ chat template applied), `"stream": true` as server-sent events ending in `data: 
 GET /health, GET /version and GET /metrics (Prometheus text format, see metrics.py).
 Every request becomes one engine request per prompt; the AsyncLLMEngine adds it between
 two steps and streams its outputs back (continuous batching: it joins the running batch
-at the next iteration).
+at the next iteration); streaming.py turns those outputs into OpenAI's chunks.
 
 Invariant: invalid input is answered 400 with an OpenAI-style error body whose `param`
 names the field (unknown model, bad sampling values, a prompt too long, malformed JSON)
@@ -19,29 +19,25 @@ or not) aborts its request, so its KV blocks return to the pool at the next step
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import minipaged
-from minipaged.entrypoints.async_engine import (AsyncLLMEngine, DeltaTracker, EngineStepError,
-                                               RequestStream)
+from minipaged.entrypoints.async_engine import AsyncLLMEngine, EngineStepError, RequestStream
 from minipaged.entrypoints.metrics import ServerMetrics
 from minipaged.entrypoints.openai_protocol import (
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionRequest,
-    CompletionResponse, DeltaMessage, ModelCard, ModelList, RequestError, UsageInfo,
-    chat_logprobs, completion_logprobs, error_body, random_id)
-from minipaged.outputs import RequestOutput
+    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut,
+    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
+    RequestError, chat_logprobs, completion_logprobs, error_body, random_id)
+from minipaged.entrypoints.streaming import (chat_chunks, collect, completion_chunks, sse,
+                                            usage)
 from minipaged.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -156,7 +152,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
         streams = await add_all(request_id, prompts, params, "prompt", arrival=arrival)
         echo = [prompt_text(p, engine.tokenizer) if body.echo else "" for p in prompts]
         if body.stream:
-            return sse(completion_chunks(streams, body, params, request_id, model, echo))
+            return sse(completion_chunks(streams, body, params, request_id, model, echo,
+                                             engine.tokenizer))
         finals = await collect(streams, raw)
         if finals is None:
             return Response(status_code=499)      # the client is gone: nobody to answer
@@ -183,7 +180,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
         streams = await add_all(request_id, [text], params, "messages", token_ids=[ids],
                                 arrival=arrival)
         if body.stream:
-            return sse(chat_chunks(streams[0], body, params, request_id, model))
+            return sse(chat_chunks(streams[0], body, params, request_id, model,
+                                       engine.tokenizer))
         finals = await collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
@@ -200,125 +198,7 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
         return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=usage(finals))
 
-    # ---- streaming ----------------------------------------------------------------------
-    async def completion_chunks(streams: list[RequestStream], body: CompletionRequest,
-                                params: SamplingParams, request_id: str, model: str,
-                                echo: list[str]) -> AsyncIterator[str]:
-        created = int(time.time())
-        deltas = DeltaTracker(params)
-        finals: dict[int, RequestOutput] = {}
-        async with aclosing(merge(streams)) as outputs:
-            async for p, out in outputs:
-                finals[p] = out
-                for c in out.outputs:
-                    index = p * params.n + c.index
-                    text, tokens, first = deltas.advance(index, c)
-                    if text is None:
-                        continue
-                    lp = None
-                    if params.logprobs is not None and c.logprobs is not None:
-                        start = len(c.token_ids) - len(tokens)
-                        lp = completion_logprobs(engine.tokenizer, tokens,
-                                                 c.logprobs[start:], params.logprobs)
-                    chunk = CompletionResponse(
-                        id=request_id, created=created, model=model,
-                        choices=[CompletionChoice(
-                            index=index, text=(echo[p] if first else "") + text, logprobs=lp,
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
-                    yield sse_data(chunk.model_dump_json())
-        if body.include_usage:
-            chunk = CompletionResponse(id=request_id, created=created, model=model,
-                                       choices=[], usage=usage([finals[p] for p in
-                                                                sorted(finals)]))
-            yield sse_data(chunk.model_dump_json())
-
-    async def chat_chunks(stream: RequestStream, body: ChatCompletionRequest,
-                          params: SamplingParams, request_id: str, model: str
-                          ) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(choices: list[ChatChunkChoice], usage_info=None) -> str:
-            data = ChatCompletionChunk(id=request_id, created=created, model=model,
-                                       choices=choices, usage=usage_info).model_dump()
-            for choice in data["choices"]:   # OpenAI sends only the delta's present keys
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-            if data["usage"] is None:
-                del data["usage"]
-            return sse_data(json.dumps(data, ensure_ascii=False))
-
-        for i in range(params.n):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                     content=""))])
-        deltas = DeltaTracker(params)
-        final = None
-        async with aclosing(merge([stream])) as outputs:
-            async for _, out in outputs:
-                final = out
-                for c in out.outputs:
-                    text, tokens, _ = deltas.advance(c.index, c)
-                    if text is None:
-                        continue
-                    lp = None
-                    if body.logprobs and c.logprobs is not None:
-                        start = len(c.token_ids) - len(tokens)
-                        lp = chat_logprobs(engine.tokenizer, tokens, c.logprobs[start:],
-                                           body.top_logprobs or 0)
-                    yield chunk([ChatChunkChoice(
-                        index=c.index, delta=DeltaMessage(content=text or None), logprobs=lp,
-                        finish_reason=c.finish_reason)])
-        if body.include_usage and final is not None:
-            yield chunk([], usage([final]))
-
     return app
-
-
-async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) of several request streams, as the outputs arrive.
-
-    Leaving early (or being cancelled) closes every stream, which aborts the unfinished.
-    """
-    if len(streams) == 1:
-        async with aclosing(streams[0].__aiter__()) as it:
-            async for out in it:
-                yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
-        queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()   # a pump cancelled mid-stream closes (aborts) its stream
-
-
-async def collect(streams: list[RequestStream], raw: Request) -> list[RequestOutput] | None:
-    """The final output of each stream; None if the client disconnected (all aborted)."""
-    finals: list[RequestOutput | None] = [None] * len(streams)
-    async with aclosing(merge(streams)) as outputs:
-        async for i, out in outputs:
-            finals[i] = out
-            if await raw.is_disconnected():
-                return None
-    if any(f is None or not f.finished for f in finals):
-        raise EngineStepError("the request was aborted before it finished")
-    return finals  # type: ignore[return-value]
 
 
 class JSONBodyMiddleware:
@@ -334,13 +214,6 @@ class JSONBodyMiddleware:
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
             scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
-
-
-def usage(finals: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(o.prompt_token_ids) for o in finals)
-    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
 
 
 def prompt_text(prompt: str | list[int], tokenizer) -> str:
@@ -363,24 +236,6 @@ def apply_chat_template(tokenizer, body: ChatCompletionRequest) -> tuple[str, li
                            "messages") from None
     # the template already holds the special tokens (BOS etc.): do not add them twice
     return text, tokenizer.encode(text, add_special_tokens=False)
-
-
-def sse_data(payload: str) -> str:
-    return f"data: {payload}\n\n"
-
-
-def sse(chunks: AsyncIterator[str]) -> StreamingResponse:
-    async def framed() -> AsyncIterator[str]:
-        try:
-            async with aclosing(chunks) as it:
-                async for c in it:
-                    yield c
-        except EngineStepError as e:
-            yield sse_data(json.dumps(error_body(str(e), None, "internal_server_error")))
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(framed(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
 
 
 def run_server(engine: AsyncLLMEngine, served_model_names: list[str], host: str = "127.0.0.1",

@@ -188,9 +188,16 @@ def output_to_json(prompt: str, out) -> dict:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from minipaged.entrypoints.chat import has_chat_template, run_chat
+
     config = engine_config(args)
     params = sampling_params(args)
-    return run_chat(load_llm(config), params, system=args.system)
+    if params.n != 1 or params.use_beam_search:
+        raise UsageError("chat: one answer per turn (n=1, no beam search)")
+    llm = load_llm(config)
+    if not has_chat_template(llm):
+        raise CommandError("this model has no chat template")
+    return run_chat(llm, params, system=args.system)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -208,79 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       port=args.port, model_root=str(config.model), log_level=args.log_level)
 
 
-# ---- chat ------------------------------------------------------------------------------------
-
-CHAT_HELP = "/reset forgets the conversation, /stats shows the KV cache, /exit quits"
-
-
-def run_chat(llm, params, system: str | None = None, stdin=None, stdout=None) -> int:
-    """A read-eval-print loop: each line is a user turn, the answer streams as it decodes.
-
-    The engine is stepped here directly (no server): add the templated conversation,
-    step until it finishes, print each step's new text. Ctrl-C stops the answer (the
-    request is aborted and its blocks freed); EOF or /exit ends the session.
-    """
-    from minipaged.entrypoints.async_engine import DeltaTracker
-
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    if params.n != 1 or params.use_beam_search:
-        raise UsageError("chat: one answer per turn (n=1, no beam search)")
-    tokenizer = llm.get_tokenizer()
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise CommandError("this model has no chat template")
-    engine = llm.llm_engine
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    interactive = stdin.isatty()
-    if interactive:
-        print(f"{PROG} chat ({CHAT_HELP})", file=sys.stderr)
-    for turn in range(10**9):
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        try:
-            line = stdin.readline()
-        except KeyboardInterrupt:
-            break
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        if line == "/stats":
-            print(json.dumps(engine.stats(), indent=1), file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        request_id = f"chat-{turn}"
-        try:
-            engine.add_request(request_id, text, params, prompt_token_ids=ids)
-        except ValueError as e:           # the conversation outgrew the context
-            history.pop()
-            print(f"{PROG} chat: {e} (try /reset)", file=sys.stderr)
-            continue
-        deltas, answer = DeltaTracker(params), ""
-        try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    new, _, _ = deltas.advance(0, out.outputs[0])
-                    if new:
-                        stdout.write(new)
-                        stdout.flush()
-                        answer = out.outputs[0].text
-                    if out.finished:
-                        answer = out.outputs[0].text
-        except KeyboardInterrupt:
-            engine.abort_request(request_id)
-        stdout.write("\n")
-        stdout.flush()
-        history.append({"role": "assistant", "content": answer})
-    return 0
-
+# ---- bench -------------------------------------------------------------------------------------
 
 def benchmark_names() -> list[str]:
     """Modules of minipaged.benchmarks that define main() (helpers like common.py do not)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipaged.kernels import cpu_kernel
+from minipaged.kernels import cpu_layers
 from minipaged.models.config import ModelConfig
 from minipaged.models.packed_linear import packed_linear
 
@@ -81,7 +81,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        fast = cpu_kernel.rms_norm(x, self.weight, self.eps, residual)   # one C pass
+        fast = cpu_layers.rms_norm(x, self.weight, self.eps, residual)   # one C pass
         if fast is not None:
             return fast if residual is None else (fast, residual)
         if residual is not None:
@@ -155,7 +155,7 @@ class RotaryEmbedding(nn.Module):
         positions: the tokens' positions, or their `table(positions)`.
         """
         cos, sin = self.table(positions) if isinstance(positions, torch.Tensor) else positions
-        if cpu_kernel.rotary_(x, cos.squeeze(1), sin.squeeze(1)):   # one C pass, same rounding
+        if cpu_layers.rotary_(x, cos.squeeze(1), sin.squeeze(1)):   # one C pass, same rounding
             return
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]

@@ -1,0 +1,76 @@
+"""Call the C layer ops for the CPU (kernels/cpu_layers.c, built by `cpu_kernel.load`):
+RMSNorm with the residual add fused, the rotary embedding in place, and the greedy
+sampler's argmax + log-sum-exp of each row of logits.
+
+Nothing here is from the paper; these are the small per-token ops of the model around
+the paged attention. At decode sizes (a few tens of KB per op), one pass in C costs less
+than waking torch's threads for the several passes its own ops take.
+
+Invariant: an op is only handed what it was written for (contiguous float32 CPU
+tensors of the shapes below); otherwise it returns None / False, writes nothing, and the
+caller keeps its torch path. The results round exactly as transformers' ops do (the
+source is built without contraction into fused multiply-adds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from minipaged.kernels.cpu_kernel import load
+
+
+def _layers() -> ctypes.CDLL | None:
+    return load("cpu_layers")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """weight * v / sqrt(mean(v^2) + eps) row by row, v = x, or v = residual + x with the
+    sum written into `residual` (the skip connection, fused). None where the C op does
+    not apply (then nothing was written)."""
+    lib = _layers()
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if (lib is None or any(t.dtype != torch.float32 or t.device.type != "cpu"
+                           or not t.is_contiguous() for t in tensors)
+            or (residual is not None and residual.shape != x.shape)
+            or weight.shape != x.shape[-1:]):
+        return None
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    lib.rms_norm_f32(out.data_ptr(), x.data_ptr(),
+                     None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                     x.numel() // n if n else 0, n, n, float(eps))
+    return out
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate x [T, heads, D] in place by the rows cos, sin [T, D/2] (rotate_half
+    pairing). False where the C op does not apply (then x is untouched)."""
+    lib = _layers()
+    if (lib is None or x.dtype != torch.float32 or cos.dtype != torch.float32
+            or sin.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3
+            or x.stride(2) != 1 or x.stride(1) != x.shape[2]
+            or not (cos.is_contiguous() and sin.is_contiguous())
+            or cos.shape != (x.shape[0], x.shape[2] // 2) or sin.shape != cos.shape):
+        return False
+    lib.rotary_f32(x.data_ptr(), x.shape[0], x.stride(0), x.shape[1], x.shape[2],
+                   cos.data_ptr(), sin.data_ptr())
+    return True
+
+
+def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(argmax, logsumexp) of each row of x [rows, n], read once: what greedy sampling
+    needs. The argmax is the first largest value's index (torch.argmax's choice). None
+    where the C op does not apply, or if a row holds a NaN."""
+    lib = _layers()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+            or x.stride(1) != 1 or x.shape[1] == 0):
+        return None
+    idx = torch.empty(x.shape[0], dtype=torch.int64)
+    lse = torch.empty(x.shape[0], dtype=torch.float32)
+    if lib.argmax_logsumexp_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+                                idx.data_ptr(), lse.data_ptr()):
+        return None
+    return idx, lse

@@ -31,6 +31,7 @@ from minipaged.sampler import Sampler, SamplingRow, fork_parallel_samples
 from minipaged.sampling import SamplingParams
 from minipaged.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus, make_seq_id_counter
+from minipaged.step_gc import collect_after
 from minipaged.stop import check_stop
 
 
@@ -142,6 +143,10 @@ class LLMEngine:
         """Run one scheduler iteration; returns the outputs of every request it touched
         (streaming), or with finished_only only those that finished: building an output
         copies its tokens, which offline batch generation does not need every step."""
+        with collect_after():       # the step's temporaries die young (step_gc.py)
+            return self._step(finished_only)
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self._num_steps += 1
         now = time.monotonic()

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from minipaged.benchmarks import batch, common, kernels, memory, overhead, sharing
-from minipaged.core.trace import make_trace
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minipaged.core.trace import Request, make_trace
 from minipaged.model_executor.model_runner import BatchItem
 
 
@@ -158,6 +161,20 @@ def test_kernels_times_every_cpu_decode_path_and_checks_it_first(kernels_rows):
 def test_last_block_bound_counts_each_sequence_in_whole_blocks():
     assert common.last_block_bound([1, 16, 17], 16) == (34, 16 + 16 + 32)
     assert common.last_block_bound([], 16) == (0, 0)
+
+
+def test_the_lifetime_bound_compares_slot_steps_of_a_reservation_and_of_growing_blocks():
+    # prompt 3, output 2, blocks of 4: Oracle holds 5 slots for 2 steps (10); paging
+    # holds 4 slots at 4 tokens, then 8 slots at 5 tokens (12)
+    assert math.isclose(batch.lifetime_bound([Request(3, 2)], 4), 10 / 12)
+
+
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), min_size=1, max_size=5),
+       st.sampled_from([1, 8, 16, 32]))
+def test_paging_alone_never_doubles_the_oracle_batch(lengths, block_size):
+    # o (p + o) < 2 (o p + o (o + 1) / 2) <= twice what paging holds, for any lengths
+    trace = [Request(p, o) for p, o in lengths]
+    assert batch.lifetime_bound(trace, block_size) < 2
 
 
 def test_the_opt13b_budget_holds_seven_max_length_reservations():

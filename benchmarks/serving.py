@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -48,8 +49,9 @@ from .common import (add_common_args, command_line, format_table, markdown_table
 from .servers import NO_PREFIX_CACHING, SERVED_NAME, free_port, minipaged_server, vllm_server
 from .workload import PEERS_DIR, ensure_hf_dir, peers_available, serving_requests
 
-RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)      # requests per second
-NUM_REQUESTS = 48
+RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)      # requests per second
+NUM_REQUESTS = 48       # at least this many per rate ...
+TRACE_SECONDS = 16.0    # ... and at least this many seconds of arrivals
 STATIC_BATCH = 32
 KNEE_FACTOR = 2.0
 
@@ -160,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--rates", default=",".join(map(str, RATES)),
                         help="request rates (requests/s), comma-separated")
-    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS,
+                        help="requests per rate: at least this many, and enough for "
+                             f"{TRACE_SECONDS:.0f} s of arrivals")
     parser.add_argument("--static-batch", type=int, default=STATIC_BATCH)
     parser.add_argument("--systems", default="minipaged,static,vllm",
                         help="comma-separated subset of minipaged, static, vllm")
@@ -172,13 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         from .workload import smoke_model
 
         model_dir = smoke_model(Path(tempfile.mkdtemp(prefix="serving-model-")))
-        rates, num, idle = [2.0, 8.0], 6, 0.0
+        rates, num, idle, seconds = [2.0, 8.0], 6, 0.0, 0.0
         systems = [s for s in systems if s != "vllm"]
     else:
         model_dir = ensure_hf_dir()
         rates, num, idle = [float(r) for r in args.rates.split(",")], args.num_requests, \
             args.idle_timeout
-    prompts, outputs = serving_requests(model_dir, args.smoke, num)
+        seconds = TRACE_SECONDS
+    # a fast rate gets more requests, so that its queue has time to build (or not)
+    counts = {rate: max(num, math.ceil(rate * seconds)) for rate in rates}
+    prompts, outputs = serving_requests(model_dir, args.smoke, max(counts.values()))
     labels = {"minipaged": "minipaged", "static":
               f"minipaged, static batching (batches of <= {args.static_batch})",
               "vllm": "vLLM-CPU (pinned to 2 cores)"}
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 # warm-up: one request end to end
                 asyncio.run(run_rate(port, make_requests(prompts[:2], [4, 4], 10.0), None))
                 for rate in rates:
-                    reqs = make_requests(prompts, outputs, rate)
+                    reqs = make_requests(prompts[:counts[rate]], outputs[:counts[rate]], rate)
                     m = measure(port, server.proc.pid, reqs,
                                 args.static_batch if system == "static" else None, idle)
                     rows.append(dict(system=labels[system], rate=rate, requests=len(reqs),
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(knee_line)
     notes = [
         knee_line,
-        f"{num} Alpaca-shaped requests per rate (chat prompts, mean "
+        f"Alpaca-shaped requests, max({num}, rate x {seconds:.0f} s) per rate (the first "
+        f"n of {len(prompts)}: chat prompts, mean "
         f"{np.mean([len(p) for p in prompts]):.0f} tokens; outputs mean "
         f"{np.mean(outputs):.0f} tokens, ignore_eos), Poisson arrivals (seed 0), "
         "non-streaming /v1/completions over HTTP on 127.0.0.1",

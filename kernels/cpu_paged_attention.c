@@ -49,6 +49,16 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
 static inline void store8(float *p, v8 r) { memcpy(p, &r, sizeof r); }
 
+/* SHUFFLE(a, b, i0, ..., i7): lane k of the result is lane ik of the 16 lanes a ++ b.
+ * Clang (and GCC from 12) spell it __builtin_shufflevector; GCC since 4.7 has
+ * __builtin_shuffle with the indices as a vector. */
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int v8i __attribute__((vector_size(32)));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
 /* What a key row past the context reads instead: score lanes of missing tokens are
  * computed from zeros (and never used), so no slot past context_len is touched. */
 static const float ZERO_ROW[8 * MAX_VECS];
@@ -59,13 +69,13 @@ static const float ZERO_ROW[8 * MAX_VECS];
 static inline v8 sum_lanes8(const v8 p[8]) {
     v8 t[4], u[2];
     for (int i = 0; i < 4; ++i) /* lanes 2k, 2k+1 of p[2i] and p[2i+1], interleaved */
-        t[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-               __builtin_shufflevector(p[2 * i], p[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+        t[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               SHUFFLE(p[2 * i], p[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
     for (int i = 0; i < 2; ++i)
-        u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-               __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+        u[i] = SHUFFLE(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               SHUFFLE(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           SHUFFLE(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 /* scores[j] = q . k_j (q pre-scaled, nv vectors) for the block's keys j < m of one KV

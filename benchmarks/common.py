@@ -1,6 +1,7 @@
 """What every scheduler-level benchmark shares: the KV budget, the traces, a recording stub
 model, a loop that feeds an engine on a trace's clock, and the table / CSV / markdown /
-plot writers (the machine's description and load are in machine.py) (paper section 6's set-up, scaled to a stub model).
+plot writers (paper section 6's set-up, scaled to a stub model). The machine's
+description and load are in machine.py.
 
 The KV budget is the paper's OPT-13B on one 40 GB A100 (section 6.1, Fig. 1): about
 12 GiB left for the KV cache after the 26 GB of weights, at 800 KiB per token (2 (K, V)

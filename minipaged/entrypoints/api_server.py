@@ -32,10 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import minipaged
 from minipaged.entrypoints.async_engine import AsyncLLMEngine, EngineStepError, RequestStream
 from minipaged.entrypoints.metrics import ServerMetrics
-from minipaged.entrypoints.openai_protocol import (
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut,
-    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
-    RequestError, chat_logprobs, completion_logprobs, error_body, random_id)
+from minipaged.entrypoints.openai_protocol import (ChatCompletionRequest, CompletionRequest,
+                                                  RequestError, error_body, random_id)
+from minipaged.entrypoints.openai_responses import (
+    ChatChoice, ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionResponse,
+    ModelCard, ModelList, chat_logprobs, completion_logprobs)
 from minipaged.entrypoints.streaming import (chat_chunks, collect, completion_chunks, sse,
                                             usage)
 from minipaged.sampling import SamplingParams

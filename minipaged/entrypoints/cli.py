@@ -24,6 +24,8 @@ import re
 import sys
 from typing import Any
 
+from minipaged.entrypoints.bench import cmd_bench
+
 PROG = "minipaged"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
                "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -213,49 +215,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine.from_factory(lambda: load_llm(config).llm_engine)
     return run_server(engine, args.served_model_name or [config.model], host=args.host,
                       port=args.port, model_root=str(config.model), log_level=args.log_level)
-
-
-# ---- bench -------------------------------------------------------------------------------------
-
-def benchmark_names() -> list[str]:
-    """Modules of minipaged.benchmarks that define main() (helpers like common.py do not)."""
-    import pkgutil
-    from pathlib import Path
-
-    try:
-        import minipaged.benchmarks as pkg
-    except ImportError:
-        return []
-    names = []
-    for m in pkgutil.iter_modules(pkg.__path__):
-        path = Path(m.module_finder.path) / f"{m.name}.py"
-        if m.name.startswith("_") or not path.is_file():
-            continue
-        if re.search(r"^def main\(", path.read_text(encoding="utf-8"), re.MULTILINE):
-            names.append(m.name)
-    return sorted(names)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    names = benchmark_names()
-    if args.list or not args.name:
-        if not args.list:
-            raise UsageError("bench: name a benchmark (see `minipaged bench --list`)")
-        print("\n".join(names))
-        return 0
-    if args.name not in names:
-        raise UsageError(f"bench: unknown benchmark {args.name!r}; available: "
-                         f"{', '.join(names) or 'none'}")
-    import importlib
-
-    module = importlib.import_module(f"minipaged.benchmarks.{args.name}")
-    if not hasattr(module, "main"):
-        raise UsageError(f"bench: minipaged.benchmarks.{args.name} has no main(argv)")
-    saved, sys.argv[0] = sys.argv[0], f"{PROG} bench {args.name}"   # the benchmark's usage line
-    try:
-        return int(module.main(list(args.args)) or 0)
-    finally:
-        sys.argv[0] = saved
 
 
 # ---- parser and entry point ----------------------------------------------------------------

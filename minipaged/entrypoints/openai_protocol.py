@@ -1,12 +1,11 @@
-"""The OpenAI HTTP API as pydantic models, and their mapping to SamplingParams.
+"""The OpenAI HTTP API's requests as pydantic models, and their mapping to SamplingParams
+(the responses are in openai_responses.py).
 
 Requests accept OpenAI's fields and vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, use_beam_search, length_penalty, early_stopping, ignore_eos,
 min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output), so a
 client written for vLLM's server works unchanged. Unknown fields are ignored (as OpenAI
-and vLLM do). Responses follow OpenAI's shapes for /v1/completions and
-/v1/chat/completions (objects "text_completion", "chat.completion" and
-"chat.completion.chunk").
+and vLLM do).
 
 Invariant: a request that converts to SamplingParams is valid for the engine; every
 invalid value raises `RequestError` whose `param` names the request field at fault, which
@@ -15,11 +14,10 @@ the server turns into HTTP 400 with an OpenAI-style error body.
 
 from __future__ import annotations
 
-import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from minipaged.sampling import SamplingParams
 
@@ -205,143 +203,3 @@ class ChatCompletionRequest(SamplingFields):
             if e.param == "logprobs":
                 e.param = "top_logprobs"
             raise
-
-
-# ---- responses ---------------------------------------------------------------------------
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "minipaged"
-    root: Union[str, None] = None
-    max_model_len: Union[int, None] = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class CompletionLogProbs(BaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Union[float, None]] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Union[dict[str, float], None]] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: Union[CompletionLogProbs, None] = None
-    finish_reason: Union[str, None] = None
-    stop_reason: Union[int, str, None] = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Union[UsageInfo, None] = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogProbs(BaseModel):
-    content: list[ChatTokenLogprob] = Field(default_factory=list)
-
-
-class ChatMessageOut(BaseModel):
-    role: str = "assistant"
-    content: str = ""
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: Union[ChatLogProbs, None] = None
-    finish_reason: Union[str, None] = None
-    stop_reason: Union[int, str, None] = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Union[UsageInfo, None] = None
-
-
-class DeltaMessage(BaseModel):
-    role: Union[str, None] = None
-    content: Union[str, None] = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: Union[ChatLogProbs, None] = None
-    finish_reason: Union[str, None] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Union[UsageInfo, None] = None
-
-
-# ---- logprobs in OpenAI's two formats ------------------------------------------------------
-
-def token_text(tokenizer, token_id: int) -> str:
-    if tokenizer is None:
-        return f"token_id:{token_id}"
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],
-                        num_top: int, text_offset: int = 0) -> CompletionLogProbs:
-    """/v1/completions format: parallel lists, top_logprobs as {token text: logprob}."""
-    out = CompletionLogProbs()
-    for tid, step in zip(token_ids, logprobs):
-        tok = token_text(tokenizer, tid)
-        out.tokens.append(tok)
-        out.token_logprobs.append(step.get(tid))
-        ranked = sorted(step.items(), key=lambda kv: kv[1], reverse=True)[:max(num_top, 0)]
-        out.top_logprobs.append({token_text(tokenizer, t): lp for t, lp in ranked})
-        out.text_offset.append(text_offset)
-        text_offset += len(tok)
-    return out
-
-
-def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],
-                  num_top: int) -> ChatLogProbs:
-    """/v1/chat/completions format: one entry per token with its top alternatives."""
-    content = []
-    for tid, step in zip(token_ids, logprobs):
-        tok = token_text(tokenizer, tid)
-        ranked = sorted(step.items(), key=lambda kv: kv[1], reverse=True)[:max(num_top, 0)]
-        content.append(ChatTokenLogprob(
-            token=tok, logprob=step.get(tid, -9999.0), bytes=list(tok.encode()),
-            top_logprobs=[TopLogprob(token=(t := token_text(tokenizer, i)), logprob=lp,
-                                     bytes=list(t.encode())) for i, lp in ranked]))
-    return ChatLogProbs(content=content)

@@ -23,10 +23,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from minipaged.entrypoints.async_engine import DeltaTracker, EngineStepError, RequestStream
-from minipaged.entrypoints.openai_protocol import (
-    ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionChoice,
-    CompletionRequest, CompletionResponse, DeltaMessage, UsageInfo, chat_logprobs,
-    completion_logprobs, error_body)
+from minipaged.entrypoints.openai_protocol import (ChatCompletionRequest, CompletionRequest,
+                                                  error_body)
+from minipaged.entrypoints.openai_responses import (
+    ChatChunkChoice, ChatCompletionChunk, CompletionChoice, CompletionResponse, DeltaMessage,
+    UsageInfo, chat_logprobs, completion_logprobs)
 from minipaged.outputs import RequestOutput
 from minipaged.sampling import SamplingParams
 

@@ -1,7 +1,9 @@
 """The kernels of PagedAttention, installed as `minipaged.kernels`.
 
 - `reference`: pure-NumPy executable definitions (read these first);
-- `cache_ops`, `paged_attention`: Triton kernels with the same signatures.
+- `cache_ops`, `paged_attention`: Triton kernels with the same signatures;
+- `cpu_kernel`: builds and calls the C kernels for the CPU (`cpu_paged_attention.c`,
+  `cpu_paged_prefill.c`); `cpu_layers`: the C layer ops (`cpu_layers.c`).
 
 Layout everywhere: key_cache / value_cache are [num_blocks, block_size, num_kv_heads,
 head_dim]; the slot of token t of a sequence is block_table[t // B] * B + t % B.

@@ -12,7 +12,7 @@ and this hook replaces each marker, at build time, with what exists for those na
 - the plot (NAME.png or NAME.svg), unless the .md already shows it;
 - the .md included as is (its relative links made relative to the Results page), or,
   without an .md, the .csv as a Markdown table;
-- a download link to the .csv.
+- a download link to the .csv, and to each companion table NAME_*.csv.
 
 A name with no output yet becomes the line "Not measured yet", so the page never claims a
 number that no benchmark produced. Output files that no marker names are listed at the
@@ -63,9 +63,13 @@ def _section(results: Path, name: str) -> tuple[str, set[str]]:
         used.add(md.name)
     elif table.is_file():
         parts.append(_csv_table(table))
-    if table.is_file():
-        parts.append(f"[Download {table.name}](results/{table.name})")
-        used.add(table.name)
+    # the main table, then companion tables (NAME_*.csv, e.g. throughput_identity.csv),
+    # which the .md already shows: offered for download, not listed as "other results"
+    companions = [c for c in sorted(results.glob(f"{name}_*.csv"))
+                  if not c.with_suffix(".md").is_file()]    # one with an .md is a section
+    for csv_file in [table] * table.is_file() + companions:
+        parts.append(f"[Download {csv_file.name}](results/{csv_file.name})")
+        used.add(csv_file.name)
     return "\n\n".join(parts), used
 
 

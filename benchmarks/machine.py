@@ -1,6 +1,6 @@
 """The machine a timed benchmark runs on: what it is, how busy it was at the start, and
 how much CPU other processes took during a run (so that a result can say whether it
-shared its cores).
+shared its cores), and its fp32 matrix-product peak (what the engines' rates are shares of).
 
 Nothing here is from the paper. The machine is shared: a 2-thread run that overlapped
 another busy process ran 20x slower here, so the timed benchmarks wait for idle cores
@@ -102,3 +102,29 @@ def machine_line() -> str:
     m = machine_info()
     return (f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; "
             f"load average {m['load_avg_1min']} at the start")
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of the best of `repeats` [n x n] x [n x n] products on `threads`
+    threads, through each GEMM library torch has here (MKL, behind `a @ b`, and oneDNN,
+    with a packed weight): on some CPUs one of them leaves half the machine unused (MKL
+    runs its AVX2 code on AMD's AVX-512 cores), and the peak is what the machine can do."""
+    from minipaged.models import packed_linear as gemms
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    products = {"mkl": lambda: a @ b}
+    if gemms._works("onednn"):
+        pack, run = gemms._LIBRARIES["onednn"]
+        packed = pack(b)
+        products["onednn"] = lambda: run(a, packed, b, None, n)
+    best = float("inf")
+    with torch.inference_mode():
+        for product in products.values():
+            for _ in range(2):
+                product()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9

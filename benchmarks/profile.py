@@ -40,10 +40,11 @@ import torch
 
 from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
                      pyplot, write_csv, write_markdown)
-from .machine import machine_line, wait_for_idle
+from .machine import machine_line, matmul_peak, wait_for_idle
 from .part_timer import PartTimer, timed_parts
-from .throughput import MAX_TOKENS, NUM_PROMPTS, matmul_peak, smoke_workloads
-from .workload import MAX_MODEL_LEN, WORKLOADS, ensure_hf_dir, make_prompts, smoke_model
+from .throughput import MAX_TOKENS, NUM_PROMPTS
+from .workload import (MAX_MODEL_LEN, WORKLOADS, ensure_hf_dir, make_prompts, smoke_model,
+                       smoke_workloads)
 
 #: parts in the order of the table and the plot (the last two are what is left)
 PARTS = ("layer products", "LM head", "decode attention", "prompt attention",

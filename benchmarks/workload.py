@@ -264,3 +264,12 @@ def model_flops(config, prompt_lens: list[int], max_tokens: int) -> tuple[float,
         gen += max_tokens * 2 * (body + head) + attn * float(ctx.sum())
         prompt += p * 2 * body + attn * p * (p + 1) / 2
     return gen, prompt
+
+
+def smoke_workloads(num_prompts: int, max_tokens: int) -> list[Workload]:
+    """Both workloads' shapes for `smoke_model`: random ids (its vocabulary is 256),
+    prompts of the trace's lengths capped at 48 tokens."""
+    rng = np.random.default_rng(0)
+    return [Workload(name, [rng.integers(3, 256, min(r.prompt_len, 48)).tolist()
+                            for r in make_trace(name, num_prompts, seed=0, max_len=128)],
+                     max_tokens) for name in WORKLOADS]

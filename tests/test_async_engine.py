@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from minipaged.config import EngineConfig
 from minipaged.engine import LLMEngine
-from minipaged.entrypoints.async_engine import AsyncLLMEngine, DeltaTracker, EngineStepError
+from minipaged.entrypoints.async_engine import AsyncLLMEngine, EngineStepError
+from minipaged.entrypoints.request_stream import DeltaTracker
 from minipaged.model_executor.executor import StubExecutor
 from minipaged.sampling import SamplingParams
 

@@ -30,7 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import minipaged
-from minipaged.entrypoints.async_engine import AsyncLLMEngine, EngineStepError, RequestStream
+from minipaged.entrypoints.async_engine import AsyncLLMEngine, EngineStepError
+from minipaged.entrypoints.request_stream import RequestStream
 from minipaged.entrypoints.metrics import ServerMetrics
 from minipaged.entrypoints.openai_protocol import (ChatCompletionRequest, CompletionRequest,
                                                   RequestError, error_body, random_id)

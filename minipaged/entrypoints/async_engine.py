@@ -12,9 +12,8 @@ two meet:
     background task: apply queue, await step() in the worker ----> engine.step()
                      hand each RequestOutput to its RequestStream <----
 
-`DeltaTracker` turns a stream's growing outputs into the pieces a streaming client is
-sent: only the new text of each choice, holding back what might still be trimmed as
-the start of a stop string.
+Each request's outputs reach its client through a `RequestStream`
+(request_stream.py).
 
 Invariant: the engine is only ever touched by one thread at a time — requests are added
 and aborted by the loop task *between* steps, never while `step()` runs in the worker —
@@ -32,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from minipaged.engine import LLMEngine
-from minipaged.outputs import CompletionOutput, RequestOutput
+from minipaged.entrypoints.request_stream import RequestStream
+from minipaged.outputs import RequestOutput
 from minipaged.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -43,46 +43,6 @@ AbortListener = Callable[[list[str]], None]
 
 class EngineStepError(RuntimeError):
     """The engine raised inside step(); the requests it was running are failed."""
-
-
-class RequestStream:
-    """The outputs of one request, as an async iterator that ends after the final one.
-
-    Leaving the `async for` early (a client that disconnected, a cancelled task) aborts
-    the request, so its blocks go back to the pool at the next step boundary.
-    """
-
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
-        self.request_id = request_id
-        self.finished = False
-        self._abort = abort
-        self._queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
-
-    # producer side (the loop task) --------------------------------------------------
-    def put(self, item: RequestOutput | BaseException | None) -> None:
-        """An output, an exception to raise in the consumer, or None (ended: aborted)."""
-        self._queue.put_nowait(item)
-
-    # consumer side --------------------------------------------------------------------
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while True:
-                item = await self._queue.get()
-                if item is None:
-                    self.finished = True
-                    return
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                if item.finished:
-                    self.finished = True
-                yield item
-                if self.finished:
-                    return
-        finally:
-            if not self.finished:
-                self.finished = True
-                self._abort(self.request_id)
 
 
 def _step_thread() -> ThreadPoolExecutor:
@@ -327,34 +287,3 @@ class AsyncLLMEngine:
         for rid in ids:
             self._streams.pop(rid).put(wrapped)
         self._take_snapshot()
-
-
-class DeltaTracker:
-    """What each streamed choice has sent so far: only new text goes out in a chunk.
-
-    While a choice runs, the last (longest stop string - 1) characters are held back:
-    they could still turn out to be the start of a stop string, which is trimmed from
-    the final text, and text once sent cannot be taken back.
-    """
-
-    def __init__(self, params: SamplingParams) -> None:
-        stops = params.stop if not params.include_stop_str_in_output else []
-        self.holdback = max((len(s) for s in stops), default=1) - 1
-        self.sent_chars: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.done: set[int] = set()
-
-    def advance(self, index: int, c: CompletionOutput) -> tuple[str | None, list[int], bool]:
-        """(new text or None if nothing to send, new token ids, is this the first chunk)."""
-        if index in self.done:
-            return None, [], False
-        first = index not in self.sent_chars
-        chars, toks = self.sent_chars.get(index, 0), self.sent_tokens.get(index, 0)
-        end = len(c.text) if c.finish_reason else max(chars, len(c.text) - self.holdback)
-        text, tokens = c.text[chars:end], list(c.token_ids[toks:])
-        if not text and not tokens and not c.finish_reason:
-            return None, [], False
-        self.sent_chars[index], self.sent_tokens[index] = max(chars, end), len(c.token_ids)
-        if c.finish_reason:
-            self.done.add(index)
-        return text, tokens, first

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from minipaged.entrypoints.async_engine import DeltaTracker
+from minipaged.entrypoints.request_stream import DeltaTracker
 
 CHAT_HELP = "/reset forgets the conversation, /stats shows the KV cache, /exit quits"
 

@@ -22,7 +22,8 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from minipaged.entrypoints.async_engine import DeltaTracker, EngineStepError, RequestStream
+from minipaged.entrypoints.async_engine import EngineStepError
+from minipaged.entrypoints.request_stream import DeltaTracker, RequestStream
 from minipaged.entrypoints.openai_protocol import (ChatCompletionRequest, CompletionRequest,
                                                   error_body)
 from minipaged.entrypoints.openai_responses import (

@@ -22,6 +22,32 @@ DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 #: KV-cache memory when neither num_gpu_blocks nor kv_cache_memory is given
 DEFAULT_KV_CACHE_MEMORY = 1 << 30
+#: the paper's two ways to bring a preempted group back (section 4.5)
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclass
+class SchedulerConfig:
+    """The scheduler's share of EngineConfig (minipaged/scheduler.py), as in vLLM."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    preemption_mode: str = "recompute"
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {self.preemption_mode!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1, "
+                             f"got {self.max_num_batched_tokens}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("max_num_batched_tokens must be >= max_model_len without "
+                             "chunked prefill, or a long prompt could never be scheduled")
 
 
 @dataclass
@@ -59,7 +85,7 @@ class EngineConfig:
         positive("max_model_len", allow_none=True)
         if not isinstance(self.swap_space, int) or self.swap_space < 0:
             raise ValueError(f"swap_space must be a number of bytes >= 0, got {self.swap_space!r}")
-        if self.preemption_mode not in ("recompute", "swap"):
+        if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError("preemption_mode must be 'recompute' or 'swap', "
                              f"got {self.preemption_mode!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

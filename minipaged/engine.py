@@ -20,7 +20,7 @@ from typing import Iterable, Protocol
 
 import torch
 
-from minipaged.config import EngineConfig
+from minipaged.config import EngineConfig, SchedulerConfig
 from minipaged.core.block_manager import BlockManager
 from minipaged.beam_search import beam_search_step
 from minipaged.model_executor.executor import build_executor
@@ -29,7 +29,7 @@ from minipaged.model_executor.tokenizer import detokenize_incrementally, initial
 from minipaged.outputs import RequestOutput
 from minipaged.sampler import Sampler, SamplingRow, fork_parallel_samples
 from minipaged.sampling import SamplingParams
-from minipaged.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
+from minipaged.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus, make_seq_id_counter
 from minipaged.step_gc import collect_after
 from minipaged.stop import check_stop

@@ -26,33 +26,9 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
+from minipaged.config import SchedulerConfig
 from minipaged.core.block_manager import AllocStatus, BlockManager
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
-
-PREEMPTION_MODES = ("recompute", "swap")
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    preemption_mode: str = "recompute"
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self) -> None:
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
-                             f"got {self.preemption_mode!r}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1, "
-                             f"got {self.max_num_batched_tokens}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("max_num_batched_tokens must be >= max_model_len without "
-                             "chunked prefill, or a long prompt could never be scheduled")
-
 
 @dataclass
 class ScheduledSeq:

@@ -28,7 +28,6 @@ few microseconds per call (~15k calls per run): well under 1 % of a run here.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -42,9 +41,8 @@ from .common import (add_common_args, command_line, format_table, markdown_table
                      pyplot, write_csv, write_markdown)
 from .machine import machine_line, matmul_peak, wait_for_idle
 from .part_timer import PartTimer, timed_parts
-from .throughput import MAX_TOKENS, NUM_PROMPTS
-from .workload import (MAX_MODEL_LEN, WORKLOADS, ensure_hf_dir, make_prompts, smoke_model,
-                       smoke_workloads)
+from .workload import (MAX_MODEL_LEN, add_workload_args, ensure_hf_dir, make_prompts,
+                       smoke_model, smoke_workloads)
 
 #: parts in the order of the table and the plot (the last two are what is left)
 PARTS = ("layer products", "LM head", "decode attention", "prompt attention",
@@ -120,14 +118,7 @@ def profile_workload(llm, workload) -> tuple[list[dict], list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help="comma-separated: sharegpt, alpaca (default both)")
-    parser.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)
-    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads (default: all)")
-    parser.add_argument("--idle-timeout", type=float, default=120.0,
-                        help="seconds to wait for idle cores before each timed run")
+    add_workload_args(parser)
     args = parser.parse_args(argv)
     out = out_dir(args, "profile")
     torch.set_num_threads(args.threads)

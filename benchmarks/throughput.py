@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,11 +48,10 @@ from .common import (add_common_args, command_line, format_table, markdown_table
 from .engines import hf_model, run_hf_continuous, run_hf_static, run_minipaged, run_vllm
 from .identity import NEAR_TIE, identity
 from .machine import machine_line, matmul_peak, wait_for_idle
-from .workload import (MAX_MODEL_LEN, WORKLOADS, Workload, ensure_hf_dir, make_prompts,
-                       model_flops, peers_available, smoke_model, smoke_workloads)
+from .workload import (MAX_MODEL_LEN, Workload, add_workload_args, ensure_hf_dir,
+                       make_prompts, model_flops, peers_available, smoke_model,
+                       smoke_workloads)
 
-NUM_PROMPTS = 64
-MAX_TOKENS = 128
 HF_BATCH_SIZES = (1, 8, 32)
 VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2 cores"}
 
@@ -63,12 +61,7 @@ VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help="comma-separated: sharegpt, alpaca (default both)")
-    parser.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)
-    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads for minipaged and transformers (default: all)")
+    add_workload_args(parser)
     parser.add_argument("--engines", default="minipaged,hf-static,hf-continuous,vllm",
                         help="comma-separated subset of minipaged, hf-static, "
                              "hf-continuous, vllm")
@@ -81,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of minipaged and of vLLM per workload; the fastest "
                              "counts (transformers, 2-10x slower, runs once)")
-    parser.add_argument("--idle-timeout", type=float, default=120.0,
-                        help="seconds to wait for idle cores before each timed run")
     args = parser.parse_args(argv)
     out = out_dir(args, "throughput")
     engines = set(args.engines.split(","))

@@ -19,6 +19,7 @@ end-of-sequence ignored): the runs differ only in the engine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -37,6 +38,9 @@ PEERS_PYTHON = PEERS_VENV / "bin" / "python"
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 MAX_MODEL_LEN = 512          # what vLLM is given (and every other engine)
 WORKLOADS = ("sharegpt", "alpaca")
+#: the end-to-end workload: 64 prompts, 128 generated tokens each (issue 8 item 4)
+NUM_PROMPTS = 64
+MAX_TOKENS = 128
 
 #: Passages the prompts quote from: plain prose on unrelated topics, written for this
 #: benchmark (no data set can be downloaded here); ~860 tokens in all.
@@ -273,3 +277,15 @@ def smoke_workloads(num_prompts: int, max_tokens: int) -> list[Workload]:
     return [Workload(name, [rng.integers(3, 256, min(r.prompt_len, 48)).tolist()
                             for r in make_trace(name, num_prompts, seed=0, max_len=128)],
                      max_tokens) for name in WORKLOADS]
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that runs the real model on these workloads."""
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated: sharegpt, alpaca (default both)")
+    parser.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads (default: all)")
+    parser.add_argument("--idle-timeout", type=float, default=120.0,
+                        help="seconds to wait for idle cores before each timed run")

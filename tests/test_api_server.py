@@ -310,6 +310,10 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": ""}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 600}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, "prompt"),
+    # prompt + max_tokens beyond the 512-token context (OpenAI and vLLM refuse it too)
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 512}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1] * 500, "max_tokens": 13},
+     "max_tokens"),
     ("/v1/chat/completions", {"model": "no-such-model", "messages": MESSAGES}, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "no role"}]},
@@ -319,6 +323,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user",
                                                             "content": "word " * 600}]},
      "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 600},
+     "max_tokens"),
 ]
 
 

@@ -99,6 +99,19 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
                                f"{', '.join(map(repr, served_model_names))}.", "model")
         return name
 
+    def check_context(ids: list[int] | None, params: SamplingParams, prompt_param: str
+                      ) -> None:
+        """As OpenAI's and vLLM's servers: a prompt plus max_tokens that cannot fit the
+        context is refused up front (LLM.generate, offline, stops at the context instead)."""
+        if ids is None or params.max_tokens is None or len(ids) >= engine.max_model_len:
+            return                   # no max_tokens: up to the context; too long: the engine says
+        if len(ids) + params.max_tokens > engine.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {engine.max_model_len} tokens; "
+                f"the request asks for {len(ids) + params.max_tokens} ({len(ids)} in the "
+                f"{prompt_param}, {params.max_tokens} to generate). Lower max_tokens or "
+                f"shorten the {prompt_param}.", "max_tokens")
+
     async def add_all(request_id: str, prompts: list, params: SamplingParams,
                       prompt_param: str, token_ids: list[list[int]] | None = None,
                       arrival: float | None = None) -> list[RequestStream]:
@@ -113,6 +126,9 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
                     raise RequestError(f"{prompt_param}: token ids must be in "
                                        f"[0, {vocab_size})", prompt_param)
                 text = prompt if isinstance(prompt, str) else None
+                if ids is None and text is not None and engine.tokenizer is not None:
+                    ids = engine.tokenizer.encode(text)   # as the engine would, once
+                check_context(ids, params, prompt_param)
                 streams.append(await engine.add_request(
                     text, params, f"{request_id}-{i}", prompt_token_ids=ids,
                     arrival_time=arrival))

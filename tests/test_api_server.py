@@ -235,6 +235,21 @@ def test_completion_logprobs_describe_the_greedy_tokens(client, greedy_completio
         assert chosen == max(top.values()) and chosen <= 0.0
 
 
+def test_streamed_completion_logprobs_offsets_count_from_the_start_of_the_text(client):
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                       temperature=0, logprobs=1, stream=True)
+    text, offsets, tokens = "", [], []
+    for chunk in stream:
+        choice = chunk.choices[0]
+        if choice.logprobs is not None:
+            assert choice.logprobs.text_offset[0] == len(text)   # where this chunk starts
+            offsets += choice.logprobs.text_offset
+            tokens += choice.logprobs.tokens
+        text += choice.text
+    assert len(tokens) == 8 and "".join(tokens) == text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
 def test_chat_logprobs_list_each_token_with_its_alternatives(client):
     out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
                                          temperature=0, logprobs=True, top_logprobs=2)

@@ -126,8 +126,10 @@ async def completion_chunks(streams: list[RequestStream], body: CompletionReques
                 lp = None
                 if params.logprobs is not None and c.logprobs is not None:
                     start = len(c.token_ids) - len(tokens)
+                    # offsets count from the start of the choice's text, not the chunk's
+                    sent_before = deltas.sent_chars[index] - len(text)
                     lp = completion_logprobs(tokenizer, tokens, c.logprobs[start:],
-                                         params.logprobs)
+                                             params.logprobs, text_offset=sent_before)
                 chunk = CompletionResponse(
                     id=request_id, created=created, model=model,
                     choices=[CompletionChoice(

@@ -24,7 +24,9 @@ from minipaged.engine import LLMEngine
 from minipaged.outputs import RequestOutput
 from minipaged.sampling import SamplingParams
 
-PromptType = str | list[int]
+#: a prompt: text, token ids, or vLLM's dict forms {"prompt": text} (TextPrompt) and
+#: {"prompt_token_ids": ids} (TokensPrompt; a "prompt" beside them is kept as its text)
+PromptType = str | list[int] | dict
 
 
 class LLM:
@@ -58,18 +60,14 @@ class LLM:
             prompts = list(prompt_token_ids)
         if prompts is None:
             raise ValueError("prompts: nothing to generate from")
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
             prompts = [prompts]
-        prompts = list(prompts)
-        if isinstance(sampling_params, Sequence):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"sampling_params: {len(sampling_params)} given for "
-                                 f"{len(prompts)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        return self._run(prompts, params, use_tqdm)
+        if not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts: expected a prompt (text, token ids or a dict) or a "
+                             f"list of them, got {type(prompts).__name__}")
+        prompts = [_as_request(p, i) for i, p in enumerate(prompts)]
+        return self._run(prompts, _per_prompt(sampling_params, len(prompts)), use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -84,29 +82,23 @@ class LLM:
         prompts = [tokenizer.apply_chat_template(c, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
                    for c in conversations]
-        token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        if isinstance(sampling_params, Sequence):
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        return self._run(token_ids, params, use_tqdm, texts=prompts)
+        requests = [(p, tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        return self._run(requests, _per_prompt(sampling_params, len(prompts)), use_tqdm)
 
     def stats(self) -> dict:
         """Block usage, utilisation, prefix-cache hits, preemptions, swaps, CoW copies."""
         return self.llm_engine.stats()
 
     # ------------------------------------------------------------------------------------
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-             texts: list[str] | None = None) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[str | None, list[int] | None]],
+             params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        """requests: (text, token ids) per prompt, either one None (see _as_request)."""
         engine = self.llm_engine
         ids: list[str] = []
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
+            for (text, token_ids), p in zip(requests, params):
                 rid = str(next(self._counter))
-                if texts is not None:
-                    engine.add_request(rid, texts[i], p, prompt_token_ids=list(prompt))
-                else:
-                    engine.add_request(rid, prompt, p)
+                engine.add_request(rid, text, p, prompt_token_ids=token_ids)
                 ids.append(rid)
             finished: dict[str, RequestOutput] = {}
             with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
@@ -120,3 +112,31 @@ class LLM:
             engine.abort_request(ids)     # nothing leaks, even on Ctrl-C or a bad prompt
             raise
         return [finished[rid] for rid in ids]
+
+
+def _as_request(prompt: PromptType, index: int) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of one prompt; a ValueError naming prompts[index] otherwise."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+        text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        if unknown or (text is None and token_ids is None):
+            raise ValueError(f"prompts[{index}]: a dict prompt holds \"prompt\" (text) "
+                             f"and/or \"prompt_token_ids\", got keys {sorted(prompt)}")
+        return text, None if token_ids is None else list(token_ids)
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt)
+    raise ValueError(f"prompts[{index}]: expected text, token ids or a dict, "
+                     f"got {type(prompt).__name__}")
+
+
+def _per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                num_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the one given for all, or a list of as many."""
+    if isinstance(sampling_params, Sequence):
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"sampling_params: {len(sampling_params)} given for "
+                             f"{num_prompts} prompts")
+        return list(sampling_params)
+    return [sampling_params or SamplingParams()] * num_prompts

@@ -1,7 +1,7 @@
 """`LLM.generate` and `LLM.chat` take prompts the way vLLM's offline API does: text, token
 ids, or the dict forms {"prompt": ...} / {"prompt_token_ids": ...}; anything else, or a
 list of sampling parameters of the wrong length, is a ValueError naming the argument and
-nothing is left in the engine.
+nothing is left in the engine. So is a KV budget too small for a single block.
 """
 
 from __future__ import annotations
@@ -75,3 +75,9 @@ def test_chat_wants_one_sampling_params_or_one_per_conversation(tiny_llm_with_ch
     with pytest.raises(ValueError, match="sampling_params: 1 given for 2 prompts"):
         tiny_llm_with_chat_template.chat(conversations, [GREEDY], use_tqdm=False)
     assert not tiny_llm_with_chat_template.llm_engine.has_unfinished_requests()
+
+
+def test_a_kv_cache_memory_too_small_for_one_block_is_a_value_error(tmp_path):
+    # bytes, not GiB: kv_cache_memory=1 would otherwise leave a pool with no block
+    with pytest.raises(ValueError, match="kv_cache_memory=1 bytes holds no KV block"):
+        LLM(model=str(smoke_model(tmp_path)), kv_cache_memory=1)

@@ -32,7 +32,11 @@ def size_pools(config: EngineConfig, bytes_per_block: int, device: torch.device
     if config.num_gpu_blocks is not None:
         num_gpu = config.num_gpu_blocks
     else:
-        num_gpu = max(1, (config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // bytes_per_block)
+        num_gpu = (config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // bytes_per_block
+        if num_gpu < 1:         # likely a unit slip: the value is in bytes, not GiB
+            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no KV "
+                             f"block: one block ({config.block_size} tokens) of this model "
+                             f"takes {bytes_per_block} bytes")
     if num_gpu * bytes_per_block > available_memory(device):
         raise ValueError(f"num_gpu_blocks={num_gpu} needs {num_gpu * bytes_per_block} bytes of "
                          f"KV cache, more than this {device.type} device has "

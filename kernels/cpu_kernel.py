@@ -47,6 +47,8 @@ SOURCES = {
     "cpu_paged_attention": ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     "cpu_paged_prefill": ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     "cpu_layers": ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+    # the GEMM fuses its multiply-adds; the weights' rebuild is marked fp-contract=off
+    "cpu_4bit_linear": ["-O3", "-march=native", "-fopenmp"],
 }
 ENV_SWITCH = "MINIPAGED_CPU_KERNEL"
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -60,6 +62,9 @@ SIGNATURES = {
     "rms_norm_f32": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _F32]),
     "rotary_f32": (None, [_P, _I64, _I64, _I64, _I64, _P, _P]),
     "argmax_logsumexp_f32": (_I32, [_P, _I64, _I64, _I64, _P, _P]),
+    "pack_4bit_f32": (_I32, [_P, _I64, _I64, _P]),
+    "linear_4bit_f32": (None, [_P, _P, _I64, _P, _P, _I64, _I64, _I64]),
+    "has_fast_4bit_linear": (_I32, []),
 }
 
 _libs: dict[str, ctypes.CDLL | None] = {}

@@ -169,3 +169,16 @@ def paged_attention_decode_vectorized(query: np.ndarray, key_cache: np.ndarray,
     query_start_loc = np.arange(query.shape[0] + 1)
     return paged_attention_prefill_vectorized(query, key_cache, value_cache, block_tables,
                                               context_lens, query_start_loc, scale)
+
+
+def unpack_4bit(packed: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """The float32 weight [N, K] that a packed 4-bit form (kernels/cpu_4bit_linear.c's
+    layout) stands for: fl(fl(d * q) + m), per row and block of 32 inputs."""
+    panels, blocks = out_features // 32, in_features // 32
+    raw = np.ascontiguousarray(packed, dtype=np.uint8).reshape(panels, blocks, 768)
+    d = raw[..., :128].copy().view(np.float32)                 # [P, B, 32 rows]
+    m = raw[..., 128:256].copy().view(np.float32)
+    codes = raw[..., 256:].reshape(panels, blocks, 32, 16)     # [P, B, 32 inputs, 16]
+    q = np.concatenate([codes & 15, codes >> 4], axis=-1).astype(np.float32)  # [.., rows]
+    w = d[:, :, None, :] * q + m[:, :, None, :]                # [P, B, inputs, rows]
+    return w.transpose(0, 3, 1, 2).reshape(out_features, in_features).astype(np.float32)

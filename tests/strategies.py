@@ -363,6 +363,24 @@ def padded_block_tables(draw, max_seqs: int = 6, max_context_len: int = 100,
 
 
 
+# Weight matrices as a Q4_1 file stores them: gguf's own quantizer and dequantizer on
+# random rows, so the float32 values are fl(fl(d q) + m) as a loaded model's are. Shapes
+# are whole 32 x 32 tiles; the scale spans small and large weights, and some rows are
+# constant (d = 0) or hold exact zeros.
+@st.composite
+def q4_1_matrices(draw, max_panels: int = 3, max_blocks: int = 4) -> np.ndarray:
+    import gguf
+    n, k = 32 * draw(st.integers(1, max_panels)), 32 * draw(st.integers(1, max_blocks))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1e-3, 0.02, 1.0, 300.0]))
+    w = (rng.standard_normal((n, k)) * scale + draw(st.sampled_from([0.0, scale]))
+         ).astype(np.float32)
+    w[rng.random(n) < 0.1] = np.float32(scale)                 # constant rows: d = 0
+    w[rng.random((n, k)) < 0.05] = 0.0
+    kind = gguf.GGMLQuantizationType.Q4_1
+    return gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind).reshape(n, k)
+
+
 # ---------------------------------------------------------------------------------------
 # Engine
 # ---------------------------------------------------------------------------------------

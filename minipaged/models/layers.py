@@ -25,7 +25,7 @@ from torch import nn
 
 from minipaged.kernels import cpu_layers
 from minipaged.models.config import ModelConfig
-from minipaged.models.packed_linear import packed_linear
+from minipaged.models.packed_linear import drop_packed, packed_linear
 
 _HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")     # torch >= 2.4
 
@@ -51,7 +51,7 @@ class Linear(nn.Module):
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor) -> None:
         """Copy a checkpoint tensor (one shard's weight or bias) into its rows."""
         # writes through .data bypass the version counter: drop any packed copy by hand
-        self.__dict__.pop("_packed_weight", None)
+        drop_packed(self)
         start = sum(self.shard_sizes[:shard])
         target = getattr(self, param)
         if target is None:

@@ -15,15 +15,22 @@ Two libraries in torch's CPU build can do that, and which is faster depends on t
   CPU build use): on an AMD EPYC (Zen 5), where MKL runs its AVX2 code, 190 -> 430-480
   GFLOP/s at 64 rows, because oneDNN uses the full AVX-512 units.
 
+Where a weight matrix is exactly the float32 form of 4-bit codes and scales (a model
+loaded from a Q4_1 file: the default model is one), products of up to 256 rows read it
+in that form instead (kernels/cpu_4bit_linear.c): a decode step's products wait on the
+weights streaming from memory, and the codes are 5.3x fewer bytes. The weights rebuilt
+in the caches are the same float32 values, bit for bit. MINIPAGED_4BIT_WEIGHTS=0 turns
+this off (the throughput benchmark reports both).
+
 `gemm()` decides once per process: MINIPAGED_GEMM=mkl|onednn|torch if set, otherwise
 each library that gives F.linear's results on a small check is timed on one decode-sized
 product and the faster wins (MKL unless oneDNN is clearly faster, by 15 %, since MKL
 matches F.linear exactly); torch's F.linear is the fallback. Both packed ops are private
 torch ops; any failure falls back to F.linear for good.
 
-Invariant: the packed copy is only ever used while the weight is unchanged (its identity
-and version are checked on every call), so loading or editing weights can never leave a
-stale copy in use; the result is F.linear's up to fp32 summation order.
+Invariant: a packed copy (either form) is only ever used while the weight is unchanged
+(its identity and version are checked on every call), so loading or editing weights can
+never leave a stale copy in use; the result is F.linear's up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minipaged.kernels import cpu_4bit
 
 Pack = Callable[[torch.Tensor], torch.Tensor]
 Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", int],
@@ -50,6 +59,11 @@ _LIBRARIES: dict[str, tuple[Pack, Run]] = {
 }
 _CHOICE: str | None = None
 CLEARLY_FASTER = 1.15          # oneDNN must beat MKL by this much to be chosen
+#: above this many rows a product is bound by arithmetic, and the float32 GEMM's own
+#: packed copy is as fast (measured on SmolLM2's shapes: 4-bit 6-20 % faster at 16-256
+#: rows, 0-5 % slower at 512-2048)
+FOUR_BIT_MAX_ROWS = 256
+FOUR_BIT_SWITCH = "MINIPAGED_4BIT_WEIGHTS"
 
 
 def _works(name: str) -> bool:
@@ -114,6 +128,12 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
             or x.device.type != "cpu" or x.requires_grad or weight.requires_grad
             or x.shape[-1] != weight.shape[1]):
         return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows <= FOUR_BIT_MAX_ROWS and four_bit_enabled():
+        packed = _four_bit_form(owner, weight)
+        y = None if packed is None else cpu_4bit.linear_4bit(x, packed, weight.shape[0], bias)
+        if y is not None:
+            return y
     pack, run = _LIBRARIES[library]
     # kept in __dict__, not as a buffer: it is not state (never saved, moved or loaded)
     # (weight, its version, library, packed copy): a copy packed for one library is
@@ -123,4 +143,27 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
             or (cached[1], cached[2]) != (weight._version, library)):
         cached = (weight, weight._version, library, pack(weight.detach()))
         owner.__dict__["_packed_weight"] = cached
-    return run(x, cached[3], weight, bias, x.numel() // x.shape[-1])
+    return run(x, cached[3], weight, bias, rows)
+
+
+def four_bit_enabled() -> bool:
+    """False when MINIPAGED_4BIT_WEIGHTS is 0 / false / no / off, or the fast kernel
+    was not built here."""
+    raw = os.environ.get(FOUR_BIT_SWITCH, "1").strip().lower()
+    return raw not in ("0", "false", "no", "off") and cpu_4bit.available()
+
+
+def _four_bit_form(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight's exact 4-bit form, or None if it has none; looked for once per
+    weight (and version), and kept on `owner` like the float32 packed copy."""
+    cached = owner.__dict__.get("_packed_4bit")
+    if cached is None or cached[0] is not weight or cached[1] != weight._version:
+        cached = (weight, weight._version, cpu_4bit.pack_exact_4bit(weight))
+        owner.__dict__["_packed_4bit"] = cached
+    return cached[2]
+
+
+def drop_packed(owner: nn.Module) -> None:
+    """Forget `owner`'s packed copies (for writes that bypass the version counter)."""
+    owner.__dict__.pop("_packed_weight", None)
+    owner.__dict__.pop("_packed_4bit", None)

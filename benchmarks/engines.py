@@ -14,10 +14,12 @@ start-up (reported apart) happen before it, and every engine gets the same token
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -37,6 +39,20 @@ class Timed:
         self.wall = time.perf_counter() - self.t0
         self.cpu = time.process_time() - self.c0
         self.other = self.load.stop()
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration of a block (restored after)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def run_minipaged(model_dir: Path, workloads: list[Workload], idle: float, repeats: int = 1,

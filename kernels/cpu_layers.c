@@ -1,6 +1,6 @@
 /* The per-token layer ops of a LLaMA decoder step, in C, for the CPU: RMSNorm (with the
- * residual add fused in), rotary position embedding, SwiGLU's silu(gate) * up, and the
- * greedy sampler's row reduction (argmax and log-sum-exp of the logits in one pass).
+ * residual add fused in), rotary position embedding, and the greedy sampler's row
+ * reduction (argmax and log-sum-exp of the logits in one pass).
  *
  * Not the paper's subject: they are here because at decode batch sizes each is a few
  * tens of thousands of floats, and torch runs each as several multi-threaded passes
@@ -89,23 +89,6 @@ void rotary_f32(float *x, int64_t tokens, int64_t token_stride, int64_t heads,
                 x2[i] = b;
             }
         }
-    }
-}
-
-/* SwiGLU's activation in place: gate = silu(gate) * up = gate / (1 + exp(-gate)) * up,
- * as torch computes silu; gate and up are the two halves of each row of the fused
- * gate_up product, rows `stride` floats apart (up starts n floats after gate). */
-void silu_mul_f32(float *gate_up, int64_t rows, int64_t n, int64_t stride) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        float *g = gate_up + r * stride;
-        const float *u = g + n;
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const v8 x = load8(g + i);
-            store8(g + i, x / (splat(1.0f) + exp8(-x)) * load8(u + i));
-        }
-        for (; i < n; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 

@@ -12,7 +12,6 @@ accumulation in another order than the reference; measured worst 1e-6).
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 
 from minipaged.attention.torch_backend import TorchBackend
@@ -214,21 +213,6 @@ def test_c_rotary_is_bit_identical_to_the_torch_rotation():
     assert torch.equal(qk_c, qk_torch)                 # same roundings, v untouched
 
 
-@needs_layers
-@pytest.mark.parametrize("rows,size", [(1, 8), (3, 13), (64, 1536)])
-def test_c_silu_mul_matches_torch_silu_times_up(rows, size):
-    g = torch.Generator().manual_seed(rows + size)
-    gate_up = torch.randn(rows, 2 * size, generator=g) * 6
-    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e4])[:min(4, size)]  # saturating exp
-    gate, up = gate_up[:, :size].clone(), gate_up[:, size:].clone()
-    out = cpu_layers.silu_mul_(gate_up)
-    assert out.data_ptr() == gate_up.data_ptr() and out.shape == (rows, size)   # in place
-    expected = F.silu(gate.double()) * up.double()
-    # float32 against float64, |out| <~ 100: our exp is within ~2 ulp of the exact one
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
-    assert torch.equal(gate_up[:, size:], up)          # the up half is left as it was
-
-
 def test_layer_ops_decline_what_they_were_not_written_for():
     x = torch.randn(4, 16)
     assert cpu_layers.rms_norm(x.half(), torch.ones(16).half(), 1e-5) is None
@@ -237,8 +221,6 @@ def test_layer_ops_decline_what_they_were_not_written_for():
                                   torch.ones(2, 4).half())
     assert cpu_layers.argmax_logsumexp(torch.randn(3, 5).t()) is None      # rows not dense
     assert cpu_layers.argmax_logsumexp(torch.randn(3, 5).double()) is None
-    assert cpu_layers.silu_mul_(torch.randn(3, 7)) is None                  # odd width
-    assert cpu_layers.silu_mul_(torch.randn(3, 8).double()) is None
 
 
 @needs_kernel

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipaged.attention.base import AttentionBackend, AttentionMetadata
-from minipaged.kernels import cpu_layers
 from minipaged.models.config import ModelConfig
 from minipaged.models.layers import (
     Linear,
@@ -81,12 +80,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        act = cpu_layers.silu_mul_(gate_up)                  # one C pass, in place
-        if act is None:
-            gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
-            # in place on the GEMM's output: one [T, intermediate] pass instead of three
-            act = F.silu(gate, inplace=True).mul_(up)
-        return self.down_proj(act)
+        gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
+        # in place on the GEMM's output: one [T, intermediate] pass instead of three
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):

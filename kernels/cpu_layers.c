@@ -1,6 +1,6 @@
 /* The per-token layer ops of a LLaMA decoder step, in C, for the CPU: RMSNorm (with the
  * residual add fused in), rotary position embedding, and the greedy sampler's row
- * reduction (argmax and log-sum-exp of the logits in one pass).
+ * reduction (argmax and log-sum-exp of each row of logits, in one call).
  *
  * Not the paper's subject: they are here because at decode batch sizes each is a few
  * tens of thousands of floats, and torch runs each as several multi-threaded passes
@@ -92,48 +92,87 @@ void rotary_f32(float *x, int64_t tokens, int64_t token_stride, int64_t heads,
     }
 }
 
+/* 16 floats: one AVX-512 register (two AVX2 ones elsewhere), for the long rows of logits. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
+static inline v16 splat16(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)((mask & (v16i)a) | (~mask & (v16i)b)); }
+
+/* exp8's algorithm on 16 lanes (the same constants and roundings, lane for lane). */
+static inline v16 exp16(v16 in) {
+    v16 x = select16(in < splat16(-87.3f), splat16(-87.3f), in);
+    x = select16(x > splat16(88.0f), splat16(88.0f), x);
+    const v16 magic = splat16(12582912.0f);
+    const v16 n = (x * splat16(1.44269504088896341f) + magic) - magic;
+    const v16 r = (x - n * splat16(0.693359375f)) + n * splat16(2.12194440e-4f);
+    v16 p = splat16(1.9875691500e-4f);
+    p = p * r + splat16(1.3981999507e-3f);
+    p = p * r + splat16(8.3334519073e-3f);
+    p = p * r + splat16(4.1665795894e-2f);
+    p = p * r + splat16(1.6666665459e-1f);
+    p = p * r + splat16(5.0000001201e-1f);
+    p = p * (r * r) + r + splat16(1.0f);
+    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+    return select16(in > splat16(88.7228f), splat16(INFINITY), p * (v16)bits);
+}
+
 /* For each row of x [rows, n] (rows `stride` floats apart): the index of its first
  * largest value and log(sum(exp(x))), what greedy sampling and the chosen token's
- * logprob need, in one read of the row. Returns 1 if a row holds a NaN (nothing is
- * then promised about that row: the caller uses its portable path), else 0. */
+ * logprob need, reading the row twice (a 49152-token row of logits is 192 KB: the
+ * second read is from the core's L2). Returns 1 if a row holds a NaN (nothing is then
+ * promised about that row: the caller uses its portable path), else 0. Two
+ * accumulators of 16 lanes each, so the loops are not bound by one chain of
+ * dependent compares or adds. */
 int argmax_logsumexp_f32(const float *x, int64_t rows, int64_t n, int64_t stride,
                          int64_t *argmax, float *lse) {
     int saw_nan = 0;
 #pragma omp parallel for schedule(static) reduction(| : saw_nan)
     for (int64_t r = 0; r < rows; ++r) {
         const float *row = x + r * stride;
-        /* 1. the largest value (8 lanes, then across them) and whether any is NaN */
-        v8 vmax = splat(-INFINITY);
-        v8i nan = {0};
+        /* 1. the largest value and where it first is, and whether any is NaN: each
+         * lane keeps its largest value and the first index holding it */
+        v16 m0 = splat16(-INFINITY), m1 = m0;
+        v16i at0 = {0}, at1 = {0}, nan = {0};
+        const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const v8 v = load8(row + i);
-            nan |= v != v;
-            vmax = select8(v > vmax, v, vmax);
+        for (; i + 32 <= n; i += 32) {
+            const v16 a = load16(row + i), b = load16(row + i + 16);
+            nan |= (a != a) | (b != b);
+            const v16i ga = a > m0, gb = b > m1;      /* strictly larger: first wins */
+            m0 = select16(ga, a, m0);
+            m1 = select16(gb, b, m1);
+            at0 = (ga & (lane + (int32_t)i)) | (~ga & at0);
+            at1 = (gb & (lane + (int32_t)(i + 16))) | (~gb & at1);
         }
         float mx = -INFINITY;
-        for (int k = 0; k < 8; ++k) {
-            mx = vmax[k] > mx ? vmax[k] : mx;
+        int64_t best = n;
+        for (int k = 0; k < 16; ++k) {
             saw_nan |= nan[k] != 0;
+            const float c[2] = {m0[k], m1[k]};
+            const int64_t w[2] = {at0[k], at1[k]};
+            for (int h = 0; h < 2; ++h)
+                if (i > 0 && (c[h] > mx || (c[h] == mx && w[h] < best))) { mx = c[h]; best = w[h]; }
         }
         for (; i < n; ++i) {
             saw_nan |= row[i] != row[i];
-            mx = row[i] > mx ? row[i] : mx;
+            if (row[i] > mx || best == n) { mx = row[i]; best = i; }
         }
-        /* 2. its first position (the row is in cache now) */
-        int64_t best = 0;
-        while (best < n && row[best] != mx) ++best;
         argmax[r] = best < n ? best : 0;
         if (mx == -INFINITY || mx == INFINITY) { /* all -inf: -inf; any +inf: +inf */
+            if (mx == -INFINITY) argmax[r] = 0;
             lse[r] = mx;
             continue;
         }
-        /* 3. log(sum(exp(x - max))) + max */
-        v8 acc = splat(0.0f);
-        for (i = 0; i + 8 <= n; i += 8) acc += exp8(load8(row + i) - splat(mx));
+        /* 2. log(sum(exp(x - max))) + max */
+        v16 acc0 = splat16(0.0f), acc1 = acc0;
+        for (i = 0; i + 32 <= n; i += 32) {
+            acc0 += exp16(load16(row + i) - splat16(mx));
+            acc1 += exp16(load16(row + i + 16) - splat16(mx));
+        }
         float total = 0.0f;
         for (; i < n; ++i) total += expf(row[i] - mx);
-        for (int k = 0; k < 8; ++k) total += acc[k];
+        for (int k = 0; k < 16; ++k) total += acc0[k] + acc1[k];
         lse[r] = mx + logf(total);
     }
     return saw_nan;

@@ -61,7 +61,7 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 
 def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(argmax, logsumexp) of each row of x [rows, n], read once: what greedy sampling
+    """(argmax, logsumexp) of each row of x [rows, n], in one C call: what greedy sampling
     needs. The argmax is the first largest value's index (torch.argmax's choice). None
     where the C op does not apply, or if a row holds a NaN."""
     lib = _layers()

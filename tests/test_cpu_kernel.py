@@ -253,6 +253,17 @@ def test_c_argmax_logsumexp_matches_torch_first_maximum_and_logsumexp():
 
 
 @needs_layers
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 100, 1000])
+def test_c_argmax_takes_the_first_of_many_tied_maxima_wherever_they_lie(n):
+    # values from {0..3}: every row has its maximum many times, in every lane and in
+    # the tail past the last whole vector
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 4, (40, n), generator=g).float()
+    idx, _ = cpu_layers.argmax_logsumexp(x)
+    assert torch.equal(idx, x.argmax(-1))
+
+
+@needs_layers
 def test_c_argmax_logsumexp_declines_rows_holding_a_nan():
     x = torch.randn(3, 40)
     x[1, 9] = float("nan")

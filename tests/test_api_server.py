@@ -235,6 +235,17 @@ def test_completion_logprobs_describe_the_greedy_tokens(client, greedy_completio
         assert chosen == max(top.values()) and chosen <= 0.0
 
 
+@pytest.mark.parametrize("logprobs,temperature", [(0, 0.0), (1, 1.5)])
+def test_completion_top_logprobs_always_hold_the_sampled_token(client, logprobs, temperature):
+    # OpenAI's legacy API: up to logprobs + 1 entries, the sampled token always among them
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, seed=5,
+                                    temperature=temperature, logprobs=logprobs)
+    lp = out.choices[0].logprobs
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == chosen
+        assert 1 <= len(top) <= logprobs + 1
+
+
 def test_streamed_completion_logprobs_offsets_count_from_the_start_of_the_text(client):
     stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
                                        temperature=0, logprobs=1, stream=True)

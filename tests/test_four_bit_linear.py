@@ -81,6 +81,15 @@ def test_the_4bit_product_equals_the_float32_product(rows, bias):
     np.testing.assert_allclose(y.numpy(), expected.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [64, 224])              # one chunk of inputs; a chunk and a part
+def test_the_kernel_rebuilds_every_weight_bit_for_bit(k):
+    # x = I: each output is 1.0 x one weight plus exact zeros, so y = W^T exactly; a
+    # weight rebuilt even one ulp off (a wrong code, scale or rounding) would show
+    w = torch.from_numpy(_fixed_q4_1(64, k, k))
+    y = cpu_4bit.linear_4bit(torch.eye(k), cpu_4bit.pack_exact_4bit(w), 64)
+    assert torch.equal(y, w.T)
+
+
 def test_the_4bit_product_reads_rows_of_a_wider_tensor():
     w = torch.from_numpy(_fixed_q4_1(64, 64, 3))
     wide = torch.randn(5, 128)

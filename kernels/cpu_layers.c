@@ -19,33 +19,33 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+/* 16 floats: one AVX-512 register (two AVX2 ones elsewhere), for the long rows of
+ * logits; GCC's vector extension, so the compiler picks the machine's instructions. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
+static inline v16 splat16(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)((mask & (v16i)a) | (~mask & (v16i)b)); }
 
-static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
-static inline void store8(float *p, v8 r) { memcpy(p, &r, sizeof r); }
-static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
-static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
-
-/* exp of 8 floats (Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln2 / 2, a degree-7
+/* exp of 16 floats (Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln2 / 2, a degree-7
  * polynomial for exp(r)); about 1 ulp from the exact value. Above ln(FLT_MAX) it is
- * +inf; below -87.3 it stays at ~1e-38 rather than reaching 0 (so exp8(-inf) ~ 1e-38:
+ * +inf; below -87.3 it stays at ~1e-38 rather than reaching 0 (so exp16(-inf) ~ 1e-38:
  * callers that sum it add at most n * 1e-38). */
-static inline v8 exp8(v8 in) {
-    v8 x = select8(in < splat(-87.3f), splat(-87.3f), in);
-    x = select8(x > splat(88.0f), splat(88.0f), x);
-    const v8 magic = splat(12582912.0f);            /* 1.5 * 2^23: rounds to an integer */
-    const v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
-    const v8 r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);
-    v8 p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * (r * r) + r + splat(1.0f);
-    const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23; /* 2^n */
-    return select8(in > splat(88.7228f), splat(INFINITY), p * (v8)bits);
+static inline v16 exp16(v16 in) {
+    v16 x = select16(in < splat16(-87.3f), splat16(-87.3f), in);
+    x = select16(x > splat16(88.0f), splat16(88.0f), x);
+    const v16 magic = splat16(12582912.0f);         /* 1.5 * 2^23: rounds to an integer */
+    const v16 n = (x * splat16(1.44269504088896341f) + magic) - magic;
+    const v16 r = (x - n * splat16(0.693359375f)) + n * splat16(2.12194440e-4f);
+    v16 p = splat16(1.9875691500e-4f);
+    p = p * r + splat16(1.3981999507e-3f);
+    p = p * r + splat16(8.3334519073e-3f);
+    p = p * r + splat16(4.1665795894e-2f);
+    p = p * r + splat16(1.6666665459e-1f);
+    p = p * r + splat16(5.0000001201e-1f);
+    p = p * (r * r) + r + splat16(1.0f);
+    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23; /* 2^n */
+    return select16(in > splat16(88.7228f), splat16(INFINITY), p * (v16)bits);
 }
 
 /* If residual is not NULL: residual += x (the skip connection), then the norm is taken
@@ -90,31 +90,6 @@ void rotary_f32(float *x, int64_t tokens, int64_t token_stride, int64_t heads,
             }
         }
     }
-}
-
-/* 16 floats: one AVX-512 register (two AVX2 ones elsewhere), for the long rows of logits. */
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
-static inline v16 splat16(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
-static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)((mask & (v16i)a) | (~mask & (v16i)b)); }
-
-/* exp8's algorithm on 16 lanes (the same constants and roundings, lane for lane). */
-static inline v16 exp16(v16 in) {
-    v16 x = select16(in < splat16(-87.3f), splat16(-87.3f), in);
-    x = select16(x > splat16(88.0f), splat16(88.0f), x);
-    const v16 magic = splat16(12582912.0f);
-    const v16 n = (x * splat16(1.44269504088896341f) + magic) - magic;
-    const v16 r = (x - n * splat16(0.693359375f)) + n * splat16(2.12194440e-4f);
-    v16 p = splat16(1.9875691500e-4f);
-    p = p * r + splat16(1.3981999507e-3f);
-    p = p * r + splat16(8.3334519073e-3f);
-    p = p * r + splat16(4.1665795894e-2f);
-    p = p * r + splat16(1.6666665459e-1f);
-    p = p * r + splat16(5.0000001201e-1f);
-    p = p * (r * r) + r + splat16(1.0f);
-    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return select16(in > splat16(88.7228f), splat16(INFINITY), p * (v16)bits);
 }
 
 /* For each row of x [rows, n] (rows `stride` floats apart): the index of its first

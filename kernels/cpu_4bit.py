@@ -23,10 +23,18 @@ from minipaged.kernels.cpu_kernel import load
 PANEL, QBLOCK, BLOCK_BYTES = 32, 32, 768     # as in cpu_4bit_linear.c
 
 
+_fast: dict[int, bool] = {}      # id(library) -> whether it was built with AVX-512
+
+
 def available() -> bool:
-    """Whether the fast (AVX-512) kernel was built on this machine."""
+    """Whether the fast (AVX-512) kernel was built on this machine (asked of the library
+    once; every linear layer's call checks it)."""
     lib = load("cpu_4bit_linear")
-    return lib is not None and bool(lib.has_fast_4bit_linear())
+    if lib is None:
+        return False
+    if id(lib) not in _fast:
+        _fast[id(lib)] = bool(lib.has_fast_4bit_linear())
+    return _fast[id(lib)]
 
 
 def packed_bytes(out_features: int, in_features: int) -> int:

@@ -126,7 +126,8 @@ NO_FMA static void rebuild(float *buf, const uint8_t *blocks, int64_t kc) {
         const __m512 d0 = _mm512_loadu_ps(dm), d1 = _mm512_loadu_ps(dm + 16);
         const __m512 m0 = _mm512_loadu_ps(dm + 32), m1 = _mm512_loadu_ps(dm + 48);
         for (int i = 0; i < QBLOCK; ++i) {
-            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i * 16)));
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(codes + i * 16));
+            const __m512i c = _mm512_cvtepu8_epi32(bytes);
             const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(c, low4));
             const __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
             float *o = buf + (b * QBLOCK + i) * PANEL;
@@ -147,7 +148,8 @@ static inline __attribute__((always_inline)) void tile(
         acc[r][1] = _mm512_loadu_ps(init ? init + 16 : y + r * ldy + 16);
     }
     for (int64_t i = 0; i < kc; ++i) {
-        const __m512 w0 = _mm512_load_ps(buf + i * PANEL), w1 = _mm512_load_ps(buf + i * PANEL + 16);
+        const __m512 w0 = _mm512_load_ps(buf + i * PANEL);
+        const __m512 w1 = _mm512_load_ps(buf + i * PANEL + 16);
 #pragma GCC unroll 12
         for (int r = 0; r < rows; ++r) {
             const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
@@ -185,7 +187,8 @@ void linear_4bit_f32(float *y, const float *x, int64_t ldx, const uint8_t *w,
         for (int64_t p = 0; p < panels; ++p) {
             const uint8_t *src = w + p * panel_bytes;
             if (p + 1 < panels)     /* the next panel's codes arrive while this one runs */
-                for (int64_t o = 0; o < panel_bytes; o += 64) __builtin_prefetch(src + panel_bytes + o, 0, 0);
+                for (int64_t o = 0; o < panel_bytes; o += 64)
+                    __builtin_prefetch(src + panel_bytes + o, 0, 0);
             for (int64_t k0 = 0; k0 < k; k0 += KCHUNK) {
                 const int64_t kc = k - k0 < KCHUNK ? k - k0 : KCHUNK;
                 rebuild(buf, src + (k0 / QBLOCK) * BLOCK_BYTES, kc);

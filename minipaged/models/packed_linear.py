@@ -64,6 +64,7 @@ CLEARLY_FASTER = 1.15          # oneDNN must beat MKL by this much to be chosen
 #: rows, 0-5 % slower at 512-2048)
 FOUR_BIT_MAX_ROWS = 256
 FOUR_BIT_SWITCH = "MINIPAGED_4BIT_WEIGHTS"
+_four_bit_switch: list = [None, True]   # the variable's last value seen, and what it meant
 
 
 def _works(name: str) -> bool:
@@ -149,8 +150,11 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
 def four_bit_enabled() -> bool:
     """False when MINIPAGED_4BIT_WEIGHTS is 0 / false / no / off, or the fast kernel
     was not built here."""
-    raw = os.environ.get(FOUR_BIT_SWITCH, "1").strip().lower()
-    return raw not in ("0", "false", "no", "off") and cpu_4bit.available()
+    raw = os.environ.get(FOUR_BIT_SWITCH)      # read each call: benchmarks flip it
+    if raw != _four_bit_switch[0]:
+        off = (raw or "1").strip().lower() in ("0", "false", "no", "off")
+        _four_bit_switch[:] = [raw, not off]
+    return _four_bit_switch[1] and cpu_4bit.available()
 
 
 def _four_bit_form(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:

@@ -16,7 +16,10 @@ In the same run, on the same checkpoint and the same prompt token ids:
   vllm_offline.py): with its default thread placement ("auto": on 2 cores it keeps one
   core for its scheduler process) and pinned to both cores
   (VLLM_CPU_OMP_THREADS_BIND=0-1), which is its best here. Its start-up (~2.5 min:
-  torch.compile of the model) is reported apart from the timed generate.
+  torch.compile of the model) is reported apart from the timed generate. The pinned
+  vLLM and minipaged take turns (minipaged's i-th timed run, then vLLM's i-th; turn it
+  off with --no-interleave): the machine's speed drifts by 5-10 % within an hour, and
+  runs far apart in time would carry that drift into their ratio.
 
 Each engine's generated tokens per second are also given as a share of this machine's
 measured fp32 matmul peak (a torch matmul in the same run), counting 2 x parameters +
@@ -31,7 +34,8 @@ Before each timed run the benchmark waits (up to --idle-timeout s) for idle core
 records how many cores other processes used during it. Invariant: every engine gets the
 same token ids and must return exactly max_tokens tokens per prompt (checked), so the
 tokens/s of different engines count the same work. The engines themselves are in
-benchmarks/engines.py, the token-identity check in benchmarks/identity.py.
+benchmarks/engines.py, the token-identity check in benchmarks/identity.py, the tables
+and the plot in benchmarks/throughput_report.py.
 """
 
 from __future__ import annotations
@@ -45,19 +49,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
-                     pyplot, write_csv, write_markdown)
+from .common import add_common_args, out_dir
 from minipaged.models.packed_linear import FOUR_BIT_SWITCH
 
-from .engines import env_set, hf_model, run_hf_continuous, run_hf_static, run_minipaged, run_vllm
-from .identity import NEAR_TIE, identity
+from .engines import (env_set, hf_model, run_hf_continuous, run_hf_static, run_interleaved,
+                      run_minipaged, run_vllm)
+from .identity import identity
 from .machine import machine_line, matmul_peak, wait_for_idle
-from .workload import (MAX_MODEL_LEN, Workload, add_workload_args, ensure_hf_dir,
-                       make_prompts, model_flops, peers_available, smoke_model,
-                       smoke_workloads)
+from .workload import (Workload, add_workload_args, ensure_hf_dir, make_prompts, model_flops,
+                       peers_available, smoke_model, smoke_workloads)
+
+from .throughput_report import F32_LABEL, report
 
 HF_BATCH_SIZES = (1, 8, 32)
-F32_LABEL = "minipaged, float32 weight reads"
 VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2 cores"}
 
 
@@ -77,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-binds", default=",".join(VLLM_BINDS),
                         help="VLLM_CPU_OMP_THREADS_BIND values to run (default: auto,0-1)")
     parser.add_argument("--vllm-timeout", type=float, default=1800.0)
+    parser.add_argument("--no-interleave", action="store_true",
+                        help="run minipaged and the pinned vLLM one after the other, not "
+                             "with their timed repeats taking turns")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of minipaged and of vLLM per workload; the fastest "
                              "counts (transformers, 2-10x slower, runs once)")
@@ -116,7 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     # engine label -> workload -> run
     results: dict[str, dict[str, dict]] = {}
     notes_skipped: list[str] = []
-    if "minipaged" in engines:
+    why = peers_available() if "vllm" in engines else "not asked for"
+    binds = [] if why else args.vllm_binds.split(",")
+    paced = None if args.no_interleave or "minipaged" not in engines or "0-1" not in binds \
+        else VLLM_BINDS["0-1"]
+    if paced:
+        binds.remove("0-1")
+        print(f"minipaged and {paced}, taking turns (vLLM start-up ~2.5 min) ...", flush=True)
+        try:
+            results["minipaged"], paced_runs = run_interleaved(
+                model_dir, workloads, "0-1", idle, args.vllm_timeout,
+                Path(tempfile.gettempdir()) / "minipaged-throughput-vllm-0-1.log", repeats)
+        except (RuntimeError, OSError) as e:
+            notes_skipped.append(f"{paced} failed: {str(e).splitlines()[0]}")
+            print(e, flush=True)
+            paced = None
+    if "minipaged" in engines and "minipaged" not in results:
         print("minipaged ...", flush=True)
         results["minipaged"] = run_minipaged(model_dir, workloads, idle, repeats)
     if "minipaged-f32" in engines:
@@ -134,25 +156,23 @@ def main(argv: list[str] | None = None) -> int:
         print("transformers continuous batching ...", flush=True)
         results["transformers continuous batching"] = run_hf_continuous(
             model_dir, workloads, idle)
-    peers_ran: list[str] = []
-    if "vllm" in engines:
-        why = peers_available()
-        if why:
-            notes_skipped.append(f"vLLM-CPU did not run: {why}")
-            print(notes_skipped[-1], flush=True)
-        for bind in ([] if why else args.vllm_binds.split(",")):
-            label = VLLM_BINDS.get(bind, f"vLLM-CPU, threads bound to {bind}")
-            print(f"{label} (start-up ~2.5 min) ...", flush=True)
-            try:
-                results[label] = run_vllm(model_dir, workloads, bind, idle,
-                                          args.vllm_timeout,
-                                          Path(tempfile.gettempdir())
-                                          / f"minipaged-throughput-vllm-{bind}.log",
-                                          repeats)
-                peers_ran.append(label)
-            except (RuntimeError, OSError, TimeoutError) as e:
-                notes_skipped.append(f"{label} failed: {str(e).splitlines()[0]}")
-                print(e, flush=True)
+    peers_ran: list[str] = [paced] if paced else []
+    if "vllm" in engines and why:
+        notes_skipped.append(f"vLLM-CPU did not run: {why}")
+        print(notes_skipped[-1], flush=True)
+    for bind in binds:
+        label = VLLM_BINDS.get(bind, f"vLLM-CPU, threads bound to {bind}")
+        print(f"{label} (start-up ~2.5 min) ...", flush=True)
+        try:
+            results[label] = run_vllm(model_dir, workloads, bind, idle, args.vllm_timeout,
+                                      Path(tempfile.gettempdir())
+                                      / f"minipaged-throughput-vllm-{bind}.log", repeats)
+            peers_ran.append(label)
+        except (RuntimeError, OSError, TimeoutError) as e:
+            notes_skipped.append(f"{label} failed: {str(e).splitlines()[0]}")
+            print(e, flush=True)
+    if paced:
+        results[paced] = paced_runs          # listed after the other peers' rows
 
     rows = summarise(results, workloads, model_config, peak, args.threads)
     # Token identity: every engine against transformers at batch 1 (the cleanest
@@ -174,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                                       **{k: v for k, v in ident.items()
                                          if k not in ("gaps", "first_diff_at")},
                                       gaps=" ".join(f"{g:.1e}" for g in ident["gaps"])))
+    if paced:
+        notes_skipped.append(paired_note(results["minipaged"], results[paced], paced))
     report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped, peers_ran)
     return 0
 
@@ -214,92 +236,16 @@ def summarise(results: dict[str, dict[str, dict]], workloads: list[Workload], co
     return rows
 
 
-def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
-           peers_ran) -> None:
-    columns = ["workload", "engine", "prompts", "tokens_per_s", "minipaged_over_this",
-               "all_runs_tokens_per_s", "peak_share", "peak_share_with_prompts", "seconds",
-               "cpu_s", "startup_s", "other_cores"]
-    print(format_table(rows, columns))
-    tables = [markdown_table(rows, columns, {
-        "tokens_per_s": "generated tokens/s", "minipaged_over_this": "minipaged ÷ this",
-        "all_runs_tokens_per_s": "every run (tokens/s)",
-        "peak_share": "share of matmul peak", "peak_share_with_prompts":
-        "… with prompt FLOPs", "seconds": "timed s", "cpu_s": "CPU s",
-        "startup_s": "start-up s", "other_cores": "other processes (cores)"})]
-    if identity_rows:
-        id_cols = ["workload", "engine", "reference", "compared", "identical", "near_ties",
-                   "other_diffs", "gaps"]
-        print(format_table(identity_rows, id_cols))
-        tables.append(markdown_table(identity_rows, id_cols, {
-            "compared": "outputs compared", "identical": "token-identical",
-            "near_ties": f"near-ties (gap < {NEAR_TIE:g})", "other_diffs": "other differences",
-            "gaps": "top-2 logit gap at first difference"}))
-    write_csv(rows, out / "throughput.csv")
-    if identity_rows:
-        write_csv(identity_rows, out / "throughput_identity.csv")
-    plot(rows, out / "throughput.png", peak)
-    lens = {w.name: (min(w.prompt_lens), int(np.mean(w.prompt_lens)), max(w.prompt_lens))
-            for w in workloads}
-    notes = [
-        f"model: SmolLM2-135M-Instruct, float32 weights (dequantised Q4_1 GGUF), every "
-        f"engine on the same checkpoint directory; {args.threads} torch threads",
-        "minipaged finds that the float32 weights are exactly 4-bit codes and scales, and "
-        "in decode-sized products reads them in that form, rebuilding the same float32 "
-        "values in the caches (still float32 arithmetic on float32 weights: no "
-        f"quantisation); '{F32_LABEL}' is minipaged with that off "
-        f"({FOUR_BIT_SWITCH}=0), every product reading float32 weights as the peers do",
-        "workloads: " + "; ".join(f"{k}: prompt tokens min / mean / max {a} / {b} / {c}"
-                                  for k, (a, b, c) in lens.items())
-        + f"; {workloads[0].max_tokens} generated tokens per prompt (greedy, ignore_eos), "
-          f"max_model_len {MAX_MODEL_LEN}",
-        f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s (2048^3, the faster "
-        f"of torch's MKL and oneDNN GEMMs, {args.threads} threads); share of peak = generated "
-        "tokens/s x (2 x parameters + attention) FLOPs per generated token / peak; the "
-        "second share also counts the prompt tokens' FLOPs",
-        "transformers static batch 1 runs the first "
-        f"{args.bs1_prompts} prompts only (it is slow); it is the reference for token identity",
-        "peers that ran: " + (", ".join(peers_ran) if peers_ran else "none"),
-        *notes_skipped,
-        f"minipaged and vLLM: the fastest of {args.repeats} timed runs per workload (every "
-        "run is listed; the machine is shared and a run that meets other load is slower); "
-        "transformers: one run. Prefix caching is off in minipaged and vLLM, so that every "
-        "repeat prefills its prompts in full, as transformers does",
-        "llama.cpp is not run (PyPI has no prebuilt llama-cpp-python wheel for this "
-        "machine; it would be built from source); for scale, its Q4_1 file, one prompt at "
-        "a time, was measured on this kind of machine at 83 tokens/s (issue 8)",
-        "other processes (cores): CPU the rest of the machine used during the timed run "
-        "(from /proc/stat); a run taken while it is well above 0 is slowed down",
-    ]
-    write_markdown(out / "throughput.md", command_line("throughput", argv), notes, tables)
-    print(f"wrote {out / 'throughput.csv'}, {out / 'throughput.png'}, {out / 'throughput.md'}")
-
-
-def plot(rows: list[dict], path: Path, peak: float) -> None:
-    plt = pyplot()
-    names = list(dict.fromkeys(r["workload"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        mine = [r for r in rows if r["workload"] == name]
-        labels = [r["engine"] for r in mine]
-        values = [r["tokens_per_s"] for r in mine]
-        colors = ["tab:green" if lab.startswith("minipaged") else
-                  "tab:red" if lab.startswith("vLLM") else "tab:blue" for lab in labels]
-        bars = ax.barh(range(len(mine)), values, color=colors)
-        for bar, r in zip(bars, mine):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                    f" {r['tokens_per_s']:.0f} ({100 * r['peak_share']:.0f} % of peak)",
-                    va="center", fontsize=8)
-        ax.set_yticks(range(len(mine)), labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("generated tokens / s")
-        ax.set_title(f"{name}-shaped prompts")
-        ax.set_xlim(0, max(values) * 1.45)
-        ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle(f"End-to-end throughput, SmolLM2-135M fp32 on this CPU "
-                 f"(matmul peak {peak:.0f} GFLOP/s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def paired_note(mine: dict[str, dict], theirs: dict[str, dict], label: str) -> str:
+    """The turn-by-turn ratios of a paced run: each of the peer's timed repeats ran right
+    after one of minipaged's, so each pair met the same state of the machine."""
+    parts = []
+    for name, run in mine.items():
+        ratios = [v / m for m, v in zip(run["all_wall_s"], theirs[name]["all_wall_s"])]
+        parts.append(f"{name}: " + " ".join(f"{r:.2f}" for r in ratios)
+                     + f" (median {float(np.median(ratios)):.2f})")
+    return (f"minipaged and {label} took turns (minipaged's i-th timed run, then vLLM's "
+            f"i-th); minipaged's speed ÷ vLLM's in each turn, " + "; ".join(parts))
 
 
 if __name__ == "__main__":

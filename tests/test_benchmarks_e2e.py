@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from minipaged.benchmarks import common, serving, throughput
+from minipaged.benchmarks import common, serving, serving_report, throughput
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_the_knee_is_the_last_rate_before_latency_first_doubles():
     points = [dict(rate=1.0, normalized_latency=0.10), dict(rate=2.0, normalized_latency=0.12),
               dict(rate=4.0, normalized_latency=0.19), dict(rate=8.0, normalized_latency=0.9),
               dict(rate=16.0, normalized_latency=0.15)]        # a noisy point past the knee
-    assert serving.knee(points) == 4.0
-    assert serving.knee(points, baseline=0.04) is None       # past it even at the lowest
+    assert serving_report.knee(points) == 4.0
+    assert serving_report.knee(points, baseline=0.04) is None       # past it even at the lowest
 
 
 def _event_order(static_batch):

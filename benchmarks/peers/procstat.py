@@ -43,33 +43,42 @@ def _tree_jiffies(root: int) -> int:
     return total
 
 
-class TreeLoad:
-    """CPU seconds of the tree under `root`, and cores' worth used by everything else,
-    between start() and stop()."""
+def _own_jiffies(pid: int) -> int:
+    """utime + stime of one process (all its threads), without its children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
-    def __init__(self, root: int) -> None:
+
+class TreeLoad:
+    """CPU seconds of the tree under `root` (of `root` alone with children=False), and
+    cores' worth used by everything else, between start() and stop()."""
+
+    def __init__(self, root: int, children: bool = True) -> None:
         self.root = root
+        self._ours = _tree_jiffies if children else _own_jiffies
 
     def start(self) -> "TreeLoad":
         self._t0 = time.monotonic()
-        self._busy0, self._own0 = _busy_jiffies(), _tree_jiffies(self.root)
+        self._busy0, self._own0 = _busy_jiffies(), self._ours(self.root)
         return self
 
     def stop(self) -> tuple[float, float]:
         elapsed = time.monotonic() - self._t0
         tick = os.sysconf("SC_CLK_TCK")
-        own = _tree_jiffies(self.root) - self._own0
+        own = self._ours(self.root) - self._own0
         other = (_busy_jiffies() - self._busy0) - own
         return own / tick, max(0.0, other / tick / max(elapsed, 1e-9))
 
 
 def wait_for_idle(max_other_cores: float = 0.3, timeout_s: float = 120.0,
-                  sample_s: float = 1.0) -> float:
-    """Wait until other processes use < max_other_cores (our tree excluded) or timeout;
-    returns the last measurement."""
+                  sample_s: float = 1.0, children: bool = True) -> float:
+    """Wait until other processes use < max_other_cores (our tree excluded; only this
+    process with children=False, so that our own idle servers count as others) or
+    timeout; returns the last measurement."""
     deadline = time.monotonic() + timeout_s
     while True:
-        load = TreeLoad(os.getpid()).start()
+        load = TreeLoad(os.getpid(), children).start()
         time.sleep(sample_s)
         cores = load.stop()[1]
         if cores < max_other_cores or time.monotonic() >= deadline:

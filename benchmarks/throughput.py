@@ -18,8 +18,8 @@ In the same run, on the same checkpoint and the same prompt token ids:
   (VLLM_CPU_OMP_THREADS_BIND=0-1), which is its best here. Its start-up (~2.5 min:
   torch.compile of the model) is reported apart from the timed generate. The pinned
   vLLM and minipaged take turns (their i-th timed runs one right after the other, in
-  alternate order; --no-interleave runs them apart): the machine's speed drifts by 5-10 % within an hour, and
-  runs far apart in time would carry that drift into their ratio.
+  alternate order; --no-interleave runs them apart): the machine's speed drifts by
+  5-10 % within an hour, and runs far apart in time would carry that into their ratio.
 
 Each engine's generated tokens per second are also given as a share of this machine's
 measured fp32 matmul peak (a torch matmul in the same run), counting 2 x parameters +
@@ -49,17 +49,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import add_common_args, out_dir
 from minipaged.models.packed_linear import FOUR_BIT_SWITCH
 
+from .common import add_common_args, out_dir
 from .engines import (env_set, hf_model, run_hf_continuous, run_hf_static, run_interleaved,
                       run_minipaged, run_vllm)
 from .identity import identity
 from .machine import machine_line, matmul_peak, wait_for_idle
+from .throughput_report import F32_LABEL, report
 from .workload import (Workload, add_workload_args, ensure_hf_dir, make_prompts, model_flops,
                        peers_available, smoke_model, smoke_workloads)
-
-from .throughput_report import F32_LABEL, report
 
 HF_BATCH_SIZES = (1, 8, 32)
 VLLM_BINDS = {"auto": "vLLM-CPU, default threads", "0-1": "vLLM-CPU, pinned to 2 cores"}
@@ -135,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir, workloads, "0-1", idle, args.vllm_timeout,
                 Path(tempfile.gettempdir()) / "minipaged-throughput-vllm-0-1.log", repeats)
         except (RuntimeError, OSError) as e:
-            notes_skipped.append(f"{paced} failed: {str(e).splitlines()[0]}")
+            notes_skipped.append(f"{paced}, taking turns, failed: {str(e).splitlines()[0]}")
             print(e, flush=True)
             paced = None
+            binds.append("0-1")              # once more, on its own, after minipaged
     if "minipaged" in engines and "minipaged" not in results:
         print("minipaged ...", flush=True)
         results["minipaged"] = run_minipaged(model_dir, workloads, idle, repeats)

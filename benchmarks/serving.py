@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             make = vllm_server if system == "vllm" else minipaged_server
             print(f"{labels[system]}: starting the server ...", flush=True)
             try:
-                servers[system] = stack.enter_context(make(model_dir, port, log))
-                # warm-up: one request end to end
+                server = stack.enter_context(make(model_dir, port, log))
+                # warm-up: one request end to end; a server that fails it is not measured
                 asyncio.run(run_rate(port, make_requests(prompts[:2], [4, 4], 10.0), None))
+                servers[system] = server
             except RuntimeError as e:
                 notes.append(f"{labels[system]} failed: {str(e).splitlines()[0]}")
                 print(notes[-1], flush=True)

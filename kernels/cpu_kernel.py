@@ -61,6 +61,7 @@ SIGNATURES = {
     "write_kv_f32": (None, [_P, _P, _I64, _I64, _P, _P, _P, _I64, _I64]),
     "rms_norm_f32": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _F32]),
     "rotary_f32": (None, [_P, _I64, _I64, _I64, _I64, _P, _P]),
+    "silu_mul_f32": (None, [_P, _P, _I64, _I64, _I64]),
     "argmax_logsumexp_f32": (_I32, [_P, _I64, _I64, _I64, _P, _P]),
     "pack_4bit_f32": (_I32, [_P, _I64, _I64, _P]),
     "linear_4bit_f32": (None, [_P, _P, _I64, _P, _P, _I64, _I64, _I64]),

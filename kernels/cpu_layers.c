@@ -1,6 +1,7 @@
 /* The per-token layer ops of a LLaMA decoder step, in C, for the CPU: RMSNorm (with the
- * residual add fused in), rotary position embedding, and the greedy sampler's row
- * reduction (argmax and log-sum-exp of each row of logits, in one call).
+ * residual add fused in), rotary position embedding, the SwiGLU MLP's silu(gate) * up,
+ * and the greedy sampler's row reduction (argmax and log-sum-exp of each row of
+ * logits, in one call).
  *
  * Not the paper's subject: they are here because at decode batch sizes each is a few
  * tens of thousands of floats, and torch runs each as several multi-threaded passes
@@ -89,6 +90,26 @@ void rotary_f32(float *x, int64_t tokens, int64_t token_stride, int64_t heads,
                 x2[i] = b;
             }
         }
+    }
+}
+
+/* out [rows, n] = silu(gate) * up = gate / (1 + exp(-gate)) * up (torch's silu, with
+ * this file's exponential), where row r of the gate+up product holds gate in its first
+ * n floats and up in the next n, rows `stride` floats apart. One pass, writing a dense
+ * output for the down projection (torch's in-place silu and multiply took two passes
+ * and left a strided view). */
+void silu_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n, int64_t stride) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate_up + r * stride, *u = g + n;
+        float *o = out + r * n;
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const v16 x = load16(g + i);
+            const v16 y = x / (splat16(1.0f) + exp16(-x)) * load16(u + i);
+            memcpy(o + i, &y, sizeof y);
+        }
+        for (; i < n; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 

@@ -1,6 +1,6 @@
 """Call the C layer ops for the CPU (kernels/cpu_layers.c, built by `cpu_kernel.load`):
-RMSNorm with the residual add fused, the rotary embedding in place, and the greedy
-sampler's argmax + log-sum-exp of each row of logits.
+RMSNorm with the residual add fused, the rotary embedding in place, the MLP's
+silu(gate) * up, and the greedy sampler's argmax + log-sum-exp of each row of logits.
 
 Nothing here is from the paper; these are the small per-token ops of the model around
 the paged attention. At decode sizes (a few tens of KB per op), one pass in C costs less
@@ -58,6 +58,20 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     lib.rotary_f32(x.data_ptr(), x.shape[0], x.stride(0), x.shape[1], x.shape[2],
                    cos.data_ptr(), sin.data_ptr())
     return True
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up [T, n] of the gate+up product [T, 2n] (gate the first n columns),
+    as a new dense tensor, in one C pass. None where the C op does not apply."""
+    lib = _layers()
+    if (lib is None or gate_up.dtype != torch.float32 or gate_up.device.type != "cpu"
+            or gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2):
+        return None
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, n, dtype=torch.float32)
+    if rows and n:
+        lib.silu_mul_f32(out.data_ptr(), gate_up.data_ptr(), rows, n, gate_up.stride(0))
+    return out
 
 
 def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipaged.attention.base import AttentionBackend, AttentionMetadata
+from minipaged.kernels import cpu_layers
 from minipaged.models.config import ModelConfig
 from minipaged.models.layers import (
     Linear,
@@ -80,9 +81,12 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
-        # in place on the GEMM's output: one [T, intermediate] pass instead of three
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        hidden = cpu_layers.silu_mul(gate_up)        # one C pass, a dense output
+        if hidden is None:
+            gate, up = gate_up[:, :self.intermediate_size], gate_up[:, self.intermediate_size:]
+            # in place on the GEMM's output: one [T, intermediate] pass instead of three
+            hidden = F.silu(gate, inplace=True).mul_(up)
+        return self.down_proj(hidden)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minipaged.attention.torch_backend import TorchBackend
 from minipaged.kernels import cpu_kernel, cpu_layers
@@ -77,6 +78,19 @@ def test_c_prefill_kernel_matches_the_reference(case):
         assert out is None               # declined: the torch path takes this head layout
         return
     assert out.shape == case.query.shape and torch.isfinite(out).all()
+    np.testing.assert_allclose(out.double().numpy(), _expected(case), rtol=0, atol=ATOL)
+
+
+@needs_prefill
+@settings(max_examples=15)
+@given(case=paged_attention_cases(max_seqs=3, max_context_len=120, max_tokens=200,
+                                  head_dims=st.just(128)))
+def test_c_prefill_kernel_matches_the_reference_at_head_dim_128(case):
+    # head_dim 128 has its own loop bounds in the kernel (3 rows of 8 vectors at a time)
+    out = cpu_kernel.paged_attention_prefill(*_prefill_inputs(case), case.scale)
+    if 48 % (case.query.shape[1] // case.key_cache.shape[2]):
+        assert out is None
+        return
     np.testing.assert_allclose(out.double().numpy(), _expected(case), rtol=0, atol=ATOL)
 
 

@@ -182,7 +182,7 @@ static inline int64_t block_ahead(const int64_t *block_tables, int64_t table_str
     if (b + ahead < nb) return block_tables[(int64_t)s * table_stride + b + ahead];
     const int other = s + threads;
     if (other >= num_seqs) return -1;
-    const int64_t i = b + ahead - nb;   /* < 2 blocks: within any non-empty context */
+    const int64_t i = b + ahead - nb;   /* 0 or 1: block i exists if the context reaches it */
     return i * block_size < context_lens[other]
                ? block_tables[(int64_t)other * table_stride + i] : -1;
 }

@@ -3,13 +3,15 @@ matrix products, and how fast the products themselves run inside a step).
 
 The real SmolLM2-135M-Instruct generates 128 greedy tokens for each of the 64 prompts of
 each throughput workload (benchmarks/workload.py), once untimed to warm up and once with
-every part of the engine timed in place:
+every part of the engine timed in place (the fused decode step off):
 
 - the parts: the layers' matrix products, the LM head, decode and prompt attention, the
   KV cache writes, the norms, rotary embeddings, the MLP's SiLU x up, the sampler, the
   scheduler, the engine's own bookkeeping, the Python glue of the model, and the
   generate loop outside the steps. Times are exclusive (a part's time leaves out the
   parts it calls), so the parts add up to the run's wall time.
+- the run again as minipaged runs by default, with the fused decode step on (each pure
+  decode step one C call, where the parts cannot be told apart), timed whole.
 - the products: for each projection and row count, the GFLOP/s it reached in the run
   ("in situ": its weights come from memory, the step before having streamed everything
   else through the caches) against the same product repeated on its own ("warm": its
@@ -37,8 +39,11 @@ from pathlib import Path
 
 import torch
 
+from minipaged.models.fused_decode import SWITCH as FUSED_SWITCH
+
 from .common import (add_common_args, command_line, format_table, markdown_table, out_dir,
                      pyplot, write_csv, write_markdown)
+from .engines import env_set
 from .machine import machine_line, matmul_peak, wait_for_idle
 from .part_timer import PartTimer, timed_parts
 from .workload import (MAX_MODEL_LEN, add_workload_args, ensure_hf_dir, make_prompts,
@@ -50,6 +55,7 @@ PARTS = ("layer products", "LM head", "decode attention", "prompt attention",
          "engine bookkeeping", "model glue", "generate loop")
 PRODUCTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")   # step order
 PROMPT_ROWS = 256           # a product with more rows than this belongs to a prompt step
+FUSED_RUN = "whole run, fused decode step on"
 
 
 def product(llm, name: str) -> tuple[Callable, int, int]:
@@ -79,12 +85,18 @@ def profile_workload(llm, workload) -> tuple[list[dict], list[dict]]:
     from minipaged import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=workload.max_tokens, ignore_eos=True)
-    llm.generate(workload.prompts, params, use_tqdm=False)          # warm-up, untimed
     timer = PartTimer()
-    with timed_parts(llm, timer):
-        t0 = time.perf_counter()
-        llm.generate(workload.prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - t0
+    # the fused decode step runs a whole step in one C call, where no part can be timed:
+    # the parts are timed with it off, and the run with it on is timed whole, after
+    with env_set(FUSED_SWITCH, "0"):
+        llm.generate(workload.prompts, params, use_tqdm=False)          # warm-up, untimed
+        with timed_parts(llm, timer):
+            t0 = time.perf_counter()
+            llm.generate(workload.prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.generate(workload.prompts, params, use_tqdm=False)
+    fused_wall = time.perf_counter() - t0
     timer.seconds["generate loop"] = wall - sum(timer.seconds.values())
     timer.calls["generate loop"] = 1
     parts = [dict(workload=workload.name, part=p, seconds=round(timer.seconds[p], 3),
@@ -92,6 +104,8 @@ def profile_workload(llm, workload) -> tuple[list[dict], list[dict]]:
              for p in PARTS]
     parts.append(dict(workload=workload.name, part="whole run", seconds=round(wall, 3),
                       share_pct=100.0, calls=""))
+    parts.append(dict(workload=workload.name, part=FUSED_RUN, seconds=round(fused_wall, 3),
+                      share_pct=round(100 * fused_wall / wall, 1), calls=""))
     # per projection: the decode row count that took most time, and the prompt one
     chosen: dict[tuple[str, bool], tuple[int, list[float]]] = {}
     for (name, rows), times in timer.products.items():
@@ -176,7 +190,10 @@ def report(parts: list[dict], products: list[dict], peak: float, args, argv,
         f"model: {model}, float32, "
         f"{args.threads} torch threads; the workloads, prompts and sampling of "
         "`python -m benchmarks.throughput` (64 prompts, 128 greedy tokens, ignore_eos, "
-        "prefix caching off); one untimed run, then one timed run per workload",
+        "prefix caching off); one untimed run, then one timed run per workload, both with "
+        f"the fused decode step off ({FUSED_SWITCH}=0: it runs a whole decode step in one C "
+        f"call, inside which no part can be timed); then one run with it on, as minipaged "
+        f"runs by default, timed whole ('{FUSED_RUN}', its share relative to the timed run)",
         f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s (as in the throughput "
         "benchmark; the higher of a measurement before and one after the runs)",
         "parts: exclusive wall time (a part's time leaves out the parts it calls); "

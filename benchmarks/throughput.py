@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minipaged.models.fused_decode import SWITCH as FUSED_SWITCH
 from minipaged.models.packed_linear import FOUR_BIT_SWITCH
 
 from .common import add_common_args, out_dir
@@ -56,7 +57,7 @@ from .engines import (env_set, hf_model, run_hf_continuous, run_hf_static, run_i
                       run_minipaged, run_vllm)
 from .identity import identity
 from .machine import machine_line, matmul_peak, wait_for_idle
-from .throughput_report import F32_LABEL, report
+from .throughput_report import F32_LABEL, PYTHON_DECODE_LABEL, report
 from .workload import (Workload, add_workload_args, ensure_hf_dir, make_prompts, model_flops,
                        peers_available, smoke_model, smoke_workloads)
 
@@ -71,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     add_workload_args(parser)
     parser.add_argument("--engines",
-                        default="minipaged,minipaged-f32,hf-static,hf-continuous,vllm",
+                        default="minipaged,minipaged-f32,minipaged-python-decode,hf-static,"
+                                "hf-continuous,vllm",
                         help="comma-separated subset of minipaged, minipaged-f32 (float32 "
-                             "weight reads), hf-static, hf-continuous, vllm")
+                             "weight reads), minipaged-python-decode (no fused decode "
+                             "step), hf-static, hf-continuous, vllm")
     parser.add_argument("--hf-batch-sizes", default=",".join(map(str, HF_BATCH_SIZES)))
     parser.add_argument("--bs1-prompts", type=int, default=16,
                         help="prompts transformers runs at batch size 1 (it is slow)")
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{F32_LABEL} ...", flush=True)
         with env_set(FOUR_BIT_SWITCH, "0"):
             results[F32_LABEL] = run_minipaged(model_dir, workloads, idle, repeats)
+    if "minipaged-python-decode" in engines:
+        print(f"{PYTHON_DECODE_LABEL} ...", flush=True)
+        with env_set(FUSED_SWITCH, "0"):
+            results[PYTHON_DECODE_LABEL] = run_minipaged(model_dir, workloads, idle, repeats)
     hf = hf_model(model_dir) if "hf-static" in engines or not args.smoke else None
     if "hf-static" in engines:
         for bs in batch_sizes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minipaged.models.fused_decode import SWITCH as FUSED_SWITCH
 from minipaged.models.packed_linear import FOUR_BIT_SWITCH
 
 from .common import (command_line, format_table, markdown_table, pyplot, write_csv,
@@ -18,6 +19,7 @@ from .identity import NEAR_TIE
 from .workload import MAX_MODEL_LEN
 
 F32_LABEL = "minipaged, float32 weight reads"
+PYTHON_DECODE_LABEL = "minipaged, decode steps in Python"
 
 
 def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
@@ -54,6 +56,9 @@ def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
         "values in the caches (still float32 arithmetic on float32 weights: no "
         f"quantisation); '{F32_LABEL}' is minipaged with that off "
         f"({FOUR_BIT_SWITCH}=0), every product reading float32 weights as the peers do",
+        "minipaged runs each pure decode step as one C call that calls the same kernels "
+        "as its Python forward, bit for bit (minipaged/models/fused_decode.py); "
+        f"'{PYTHON_DECODE_LABEL}' is minipaged with that off ({FUSED_SWITCH}=0)",
         "workloads: " + "; ".join(f"{k}: prompt tokens min / mean / max {a} / {b} / {c}"
                                   for k, (a, b, c) in lens.items())
         + f"; {workloads[0].max_tokens} generated tokens per prompt (greedy, ignore_eos), "

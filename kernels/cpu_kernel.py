@@ -49,6 +49,8 @@ SOURCES = {
     "cpu_layers": ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
     # the GEMM fuses its multiply-adds; the weights' rebuild is marked fp-contract=off
     "cpu_4bit_linear": ["-O3", "-march=native", "-fopenmp"],
+    # only calls the kernels above, through pointers: no arithmetic of its own
+    "cpu_decode_step": ["-O2"],
 }
 ENV_SWITCH = "MINIPAGED_CPU_KERNEL"
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -66,6 +68,8 @@ SIGNATURES = {
     "pack_4bit_f32": (_I32, [_P, _I64, _I64, _P]),
     "linear_4bit_f32": (None, [_P, _P, _I64, _P, _P, _I64, _I64, _I64]),
     "has_fast_4bit_linear": (_I32, []),
+    "llama_decode_step_f32": (_I32, [_P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _I64, _P,
+                                     _P]),
 }
 
 _libs: dict[str, ctypes.CDLL | None] = {}

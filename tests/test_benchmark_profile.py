@@ -41,7 +41,8 @@ def test_every_part_of_a_step_is_timed_on_every_workload(profile_out):
     rows = common.read_csv(profile_out / "profile.csv")
     for workload in ("sharegpt", "alpaca"):
         mine = {r["part"]: r for r in rows if r["workload"] == workload}
-        assert set(mine) == {*profile.PARTS, "whole run"}
+        assert set(mine) == {*profile.PARTS, "whole run", profile.FUSED_RUN}
+        assert float(mine[profile.FUSED_RUN]["seconds"]) > 0   # the default run, whole
         for part in profile.PARTS:
             if part != "generate loop":      # the remainder, not a wrapped call
                 assert int(mine[part]["calls"]) > 0, part

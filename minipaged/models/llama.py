@@ -23,6 +23,7 @@ from torch import nn
 from minipaged.attention.base import AttentionBackend, AttentionMetadata
 from minipaged.kernels import cpu_layers
 from minipaged.models.config import ModelConfig
+from minipaged.models.fused_decode import FusedDecode
 from minipaged.models.layers import (
     Linear,
     RMSNorm,
@@ -132,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        # a plain attribute, not a submodule: it holds no weights of its own
+        self.fused_decode = FusedDecode(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata,
@@ -139,6 +142,10 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches: {len(kv_caches)} given, the model has "
                              f"{len(self.layers)} layers")
+        # a pure decode batch on the CPU: every layer in one C call, when it applies
+        fused = self.fused_decode.run(input_ids, positions, kv_caches, meta, backend)
+        if fused is not None:
+            return fused
         x = F.embedding(input_ids, self.embed_tokens.weight)
         rope = self.rotary.table(positions)          # gathered once, used by every layer
         residual = None

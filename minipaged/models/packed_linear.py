@@ -157,6 +157,21 @@ def four_bit_enabled() -> bool:
     return _four_bit_switch[1] and cpu_4bit.available()
 
 
+def four_bit_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The packed 4-bit form that `packed_linear` reads for a float32 product of at most
+    FOUR_BIT_MAX_ROWS rows through `layer` (a Linear: `weight`, `bias`), or None where it
+    would not read one (4-bit reads off or not built here, GEMM "torch", a weight or
+    bias it does not take, or a weight with no exact 4-bit form)."""
+    weight, bias = layer.weight, layer.bias
+    if (gemm() == "torch" or not four_bit_enabled() or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or weight.requires_grad
+            or (bias is not None and (bias.dtype != torch.float32 or bias.requires_grad
+                                      or bias.shape != (weight.shape[0],)
+                                      or not bias.is_contiguous()))):
+        return None
+    return _four_bit_form(layer, weight)
+
+
 def _four_bit_form(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
     """The weight's exact 4-bit form, or None if it has none; looked for once per
     weight (and version), and kept on `owner` like the float32 packed copy."""

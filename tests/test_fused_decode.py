@@ -178,12 +178,3 @@ def test_smollm2_decode_steps_are_bit_identical_fused_and_in_python(smollm2, tor
     for a, b in zip(results[True], results[False]):
         assert all(_equal_bits(x, y) for x, y in zip(a, b))
 
-
-def test_a_model_that_ran_fused_steps_can_be_pickled_and_still_runs_them(monkeypatch):
-    import pickle
-    model, backend = _model(), TorchBackend()
-    before, _ = _decode(model, backend, monkeypatch, fused=True, steps=1)
-    copy = pickle.loads(pickle.dumps(model))
-    after, _ = _decode(copy, backend, monkeypatch, fused=True, steps=1)
-    assert copy.fused_decode.steps_run == 1 and copy.fused_decode.model is copy
-    assert _equal_bits(before[0], after[0])

@@ -85,14 +85,6 @@ class FusedDecode:
         self._workspace = torch.empty(0)
         self.steps_run = 0           # fused steps so far (tests and the profile read it)
 
-    def __getstate__(self) -> dict:
-        # the ctypes arrays hold raw pointers, which cannot be pickled (and would mean
-        # nothing in another process): a pickled model rebuilds them on its first step
-        return {"model": self.model}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model"])
-
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
             backend: AttentionBackend) -> torch.Tensor | None:

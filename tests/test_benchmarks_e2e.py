@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from minipaged.benchmarks import common, serving, serving_report, throughput
+from minipaged.benchmarks import common, fused_decode, serving, serving_report, throughput
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,26 @@ def test_static_batching_admits_a_batch_only_when_the_previous_one_finished():
 def test_continuous_mode_sends_each_request_when_it_arrives():
     events = _event_order(static_batch=None)
     assert events[:3] == ["start 0", "start 1", "start 2"]
+
+
+@pytest.fixture(scope="module")
+def fused_decode_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused_decode")
+    assert fused_decode.main(["--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_the_fused_decode_benchmark_times_both_modes_in_turns_on_every_workload(
+        fused_decode_out):
+    rows = common.read_csv(fused_decode_out / "fused_decode.csv")
+    for workload in ("sharegpt", "alpaca"):
+        mine = [r for r in rows if r["workload"] == workload]
+        turns = {(int(r["turn"]), r["mode"]) for r in mine}
+        assert turns == {(t, m) for t in (0, 1) for m in ("fused", "python")}
+        for r in mine:
+            assert 0 < float(r["decode_forward_s"]) < float(r["wall_s"])
+            # the smoke model's random weights have no exact 4-bit form: never fused
+            assert int(r["fused_steps"]) == 0
+    assert (fused_decode_out / "fused_decode.png").read_bytes()[:4] == b"\x89PNG"
+    text = (fused_decode_out / "fused_decode.md").read_text()
+    assert "python -m benchmarks.fused_decode --smoke" in text and "median turn" in text

@@ -91,9 +91,10 @@ class FusedDecode:
         """The model's final hidden states [T, hidden] for this decode batch, or None
         where the fused step does not apply (then nothing was computed or written)."""
         T = input_ids.shape[0]
-        if not (enabled() and meta.is_decode and input_ids.device.type == "cpu"
-                and self.model.embed_tokens.weight.dtype == torch.float32 and 0 < T <= FOUR_BIT_MAX_ROWS
-                and meta.num_seqs == T and self._backend_ok(backend, kv_caches)):
+        if not (enabled() and meta.is_decode and 0 < T <= FOUR_BIT_MAX_ROWS
+                and meta.num_seqs == T and input_ids.device.type == "cpu"
+                and self.model.embed_tokens.weight.dtype == torch.float32
+                and self._backend_ok(backend, kv_caches)):
             return None
         libs = self._libraries()
         layers = self._layer_array(kv_caches) if libs else None

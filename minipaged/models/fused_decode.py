@@ -83,6 +83,7 @@ class FusedDecode:
         # (key, the driver's array, the tensors it points into)
         self._layers: tuple[tuple, ctypes.Array, list] | None = None
         self._workspace = torch.empty(0)
+        self._kernels, self._kernels_of = _Kernels(), None   # the pointers, and their libraries
         self.steps_run = 0           # fused steps so far (tests and the profile read it)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -149,12 +150,14 @@ class FusedDecode:
                 ("cpu_layers", "cpu_4bit_linear", "cpu_paged_attention")]
         if driver is None or None in libs or not cpu_4bit.available():
             return None
-        layers, linear, attention = libs
-        self._kernels = _Kernels(
-            _address(layers, "rms_norm_f32"), _address(linear, "linear_4bit_f32"),
-            _address(layers, "rotary_f32"), _address(attention, "write_kv_f32"),
-            _address(attention, "paged_attention_decode_f32"),
-            _address(layers, "silu_mul_f32"))
+        if self._kernels_of != libs:          # the same libraries: the same addresses
+            layers, linear, attention = libs
+            self._kernels = _Kernels(
+                _address(layers, "rms_norm_f32"), _address(linear, "linear_4bit_f32"),
+                _address(layers, "rotary_f32"), _address(attention, "write_kv_f32"),
+                _address(attention, "paged_attention_decode_f32"),
+                _address(layers, "silu_mul_f32"))
+            self._kernels_of = libs
         return driver
 
     def _layer_array(self, kv_caches: list) -> ctypes.Array | None:

@@ -44,10 +44,10 @@ def timed_turn(llm, prompts, params, mode: str, idle: float) -> tuple[dict, list
     model = llm.llm_engine.executor.model
     forward, spent = model.forward, [0.0]
 
-    def timed_forward(input_ids, positions, kv_caches, meta, backend):
+    def timed_forward(input_ids, positions, kv_caches, meta, backend, **kwargs):
         t0 = time.perf_counter()
         try:
-            return forward(input_ids, positions, kv_caches, meta, backend)
+            return forward(input_ids, positions, kv_caches, meta, backend, **kwargs)
         finally:
             if meta.is_decode:
                 spent[0] += time.perf_counter() - t0

@@ -146,3 +146,43 @@ def test_logits_are_not_trivially_small(random_model):
     hf, _ = random_model
     logits = _hf_logits(hf, _prompts(0)[0])
     assert logits.std() > 0.5
+
+
+@torch.inference_mode()
+def test_output_rows_return_those_rows_and_still_cache_every_row(random_model, torch_backend):
+    """`output_rows`: the last layer computes only the rows the caller reads (each
+    sequence's last token, and here one middle token too), yet writes every row's K/V."""
+    _, ours = random_model
+    prompts = _prompts(2)
+    ids = torch.tensor([t for p in prompts for t in p])
+    rows = torch.tensor([6, 7, 12, 20, 24])      # the four last rows and position 4 of #2
+    results = []
+    for output_rows in (None, rows):
+        harness = PagedHarness(ours.config, num_blocks=48, block_size=4, seed=3)
+        seqs = [harness.add_sequence() for _ in prompts]
+        positions, meta = harness.metadata(seqs, prompts)
+        hidden = ours.model(ids, positions, harness.caches, meta, torch_backend,
+                            output_rows=output_rows)
+        results.append((hidden, harness.caches))
+    (full, full_caches), (part, part_caches) = results
+    assert part.shape == (len(rows), full.shape[1])
+    # the decode kernel (one query) and the prefill kernel sum in different orders
+    torch.testing.assert_close(part, full[rows], atol=ATOL, rtol=0)
+    for a, b in zip(full_caches, part_caches):   # K/V: the same ops on the same rows
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+
+
+@torch.inference_mode()
+def test_no_output_rows_still_caches_every_row(random_model, torch_backend):
+    """A step that samples nothing (a non-final prompt chunk) returns no rows, and the
+    next chunk attends to everything it cached."""
+    hf, ours = random_model
+    ids = _prompts(5)[2]                                           # 13 tokens
+    harness = PagedHarness(ours.config, num_blocks=16, block_size=4, seed=4)
+    s = harness.add_sequence()
+    positions, meta = harness.metadata([s], [ids[:9]])
+    hidden = ours.model(torch.tensor(ids[:9]), positions, harness.caches, meta,
+                        torch_backend, output_rows=torch.zeros(0, dtype=torch.int64))
+    assert hidden.shape[0] == 0
+    got = harness.step(ours.model, torch_backend, [s], [ids[9:]])[0]
+    torch.testing.assert_close(got, _hf_logits(hf, ids)[9:], atol=ATOL, rtol=0)

@@ -122,3 +122,26 @@ class AttentionBackend(ABC):
                                                meta.query_start_loc[d:] - d, scale,
                                                meta.max_query_len)
         return out
+
+    def forward_rows(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     meta: AttentionMetadata, scale: float, rows: torch.Tensor
+                     ) -> torch.Tensor:
+        """`forward` for a model's last layer, whose output only `rows` will read.
+
+        Every new token's K/V is written (later steps attend to them), but only the
+        tokens in `rows` (int64, sorted, into the batch's rows) attend. Each of them is
+        one query over its own prefix of its sequence, which is what the decode kernel
+        computes: a prompt's last token attends like a decode step of the whole prompt.
+        Returns [len(rows), num_heads, head_dim].
+        """
+        self.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        if rows.numel() == 0:
+            return query.new_empty((0,) + tuple(query.shape[1:]))
+        ends = meta.query_start_loc[1:].to(torch.int64)       # one past each sequence's rows
+        seq = torch.searchsorted(ends, rows, right=True)
+        # a row's context: its sequence's, less the new tokens after it
+        context = meta.context_lens.to(torch.int64)[seq] - (ends[seq] - 1 - rows)
+        return self.paged_attention_decode(query[rows], key_cache, value_cache,
+                                           meta.block_tables[seq],
+                                           context.to(meta.context_lens.dtype), scale)

@@ -106,7 +106,9 @@ class ModelRunner:
         """Forward the batch through the paged cache; logits [num_items_needing_logits, V]."""
         input_ids, positions, meta, logits_indices = build_metadata(items, self.block_size,
                                                                     self.device)
-        hidden = self.model(input_ids, positions, kv_caches, meta, self.backend)
+        # only the sampled rows come back: the last layer computes nothing else
+        hidden = self.model(input_ids, positions, kv_caches, meta, self.backend,
+                            output_rows=logits_indices)
         if logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32)
-        return self.model.compute_logits(hidden[logits_indices]).float()
+        return self.model.compute_logits(hidden).float()

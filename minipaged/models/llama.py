@@ -55,7 +55,9 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary   # shared by all layers; not a parameter
 
     def forward(self, positions: Positions, x: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+                meta: AttentionMetadata, backend: AttentionBackend,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output of every row, or only of `rows` (all rows' K/V are cached)."""
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         # rotate q and k together, in place: they are adjacent in the fused output
@@ -65,8 +67,12 @@ class LlamaAttention(nn.Module):
         q = qk[:, :self.num_heads]
         k = qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(T, self.q_size))
+        if rows is None:
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        else:
+            out = backend.forward_rows(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                       rows)
+        return self.o_proj(out.reshape(out.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -99,25 +105,34 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, dtype)
 
     def forward(self, positions: Positions, x: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: KVCache, meta: AttentionMetadata, backend: AttentionBackend
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: KVCache, meta: AttentionMetadata, backend: AttentionBackend,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (x, residual), where the layer's input is residual + x.
 
         The stream is carried as a pair so that each skip-connection add is fused with the
-        norm after it (the first layer gets residual None: its input is x alone).
+        norm after it (the first layer gets residual None: its input is x alone). With
+        `rows`, the output holds only those rows (every row's K/V is still cached).
         """
         if residual is None:
             residual = x                    # the stream itself; norms never write x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta, backend)
+        x = self.self_attn(positions, x, kv_cache, meta, backend, rows)
+        if rows is not None:
+            residual = residual[rows]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(input_ids [T], positions [T], kv_caches, meta, backend) -> hidden [T, H]."""
+    """forward(input_ids [T], positions [T], kv_caches, meta, backend) -> hidden [T, H].
+
+    With `output_rows` (sorted row indices; the model runner passes the rows it samples
+    from), the result is hidden [len(output_rows), H], and the last layer computes its
+    attention, output projection and MLP for those rows only: the other rows' outputs
+    would never be read, while their K/V, which later steps attend to, is still cached.
+    """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -138,19 +153,25 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, output_rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches: {len(kv_caches)} given, the model has "
                              f"{len(self.layers)} layers")
+        T = input_ids.shape[0]
+        if output_rows is not None and output_rows.numel() == T:
+            output_rows = None                       # sorted and distinct: every row
         # a pure decode batch on the CPU: every layer in one C call, when it applies
         fused = self.fused_decode.run(input_ids, positions, kv_caches, meta, backend)
         if fused is not None:
-            return fused
+            return fused if output_rows is None else fused[output_rows]
         x = F.embedding(input_ids, self.embed_tokens.weight)
         rope = self.rotary.table(positions)          # gathered once, used by every layer
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(rope, x, residual, kv_cache, meta, backend)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            x, residual = layer(rope, x, residual, kv_cache, meta, backend,
+                                output_rows if i == last else None)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -44,11 +44,16 @@ class OPTAttention(nn.Module):
         self.out_proj = Linear(self.size, self.size, bias=config.enable_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output of every row, or only of `rows` (all rows' K/V are cached)."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.out_proj(out.reshape(T, self.size))
+        if rows is None:
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        else:
+            out = backend.forward_rows(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                       rows)
+        return self.out_proj(out.reshape(out.shape[0], self.size))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -64,12 +69,15 @@ class OPTDecoderLayer(nn.Module):
         self.act = F.relu if config.activation == "relu" else F.gelu
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output for every row, or only for `rows` (see OPTForCausalLM)."""
+        skip = x if rows is None else x[rows]
         if self.pre_ln:       # x + f(norm(x))
-            x = x + self.self_attn(self.self_attn_layer_norm(x), kv_cache, meta, backend)
+            x = skip + self.self_attn(self.self_attn_layer_norm(x), kv_cache, meta, backend,
+                                      rows)
             return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
         # post-LN (OPT-350m): norm(x + f(x))
-        x = self.self_attn_layer_norm(x + self.self_attn(x, kv_cache, meta, backend))
+        x = self.self_attn_layer_norm(skip + self.self_attn(x, kv_cache, meta, backend, rows))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
@@ -77,7 +85,9 @@ class OPTForCausalLM(nn.Module):
     """forward(input_ids [T], positions [T], kv_caches, meta, backend) -> hidden [T, E].
 
     E is word_embed_proj_dim (= hidden_size unless the model projects), the width of the
-    tied embedding matrix that compute_logits multiplies by.
+    tied embedding matrix that compute_logits multiplies by. With `output_rows`, as in
+    LlamaForCausalLM: hidden [len(output_rows), E], the last layer computing only those
+    rows after caching every row's K/V.
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
@@ -104,16 +114,20 @@ class OPTForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, output_rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches: {len(kv_caches)} given, the model has "
                              f"{len(self.layers)} layers")
+        if output_rows is not None and output_rows.numel() == input_ids.shape[0]:
+            output_rows = None                       # sorted and distinct: every row
         x = F.embedding(input_ids, self.embed_tokens.weight)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + F.embedding(positions + POSITION_OFFSET, self.embed_positions.weight)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, kv_cache, meta, backend)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            x = layer(x, kv_cache, meta, backend, output_rows if i == last else None)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -162,6 +162,43 @@ def test_a_weight_loaded_between_steps_is_what_the_next_fused_step_reads(monkeyp
 
 
 @torch.inference_mode()
+def _step(model, backend, monkeypatch, harness, seqs, fused: bool, i: int) -> torch.Tensor:
+    monkeypatch.setenv(SWITCH, "1" if fused else "0")
+    positions, meta = harness.metadata(seqs, [[(7 * s + i) % 48] for s in seqs])
+    ids = torch.tensor([(7 * s + i) % 48 for s in seqs])
+    return model(ids, positions, harness.caches, meta, backend)
+
+
+def test_a_weight_changed_in_place_between_steps_is_what_the_next_fused_step_reads(
+        monkeypatch):
+    """The layer array is reused while nothing it was built from changed. An in-place
+    write bumps the weight's version: the next step repacks it and rebuilds the array."""
+    model, backend = _model(), TorchBackend()
+    fused_run, plain_run = _prefilled(model, backend), _prefilled(model, backend)
+    for run, fused in ((fused_run, True), (plain_run, False)):
+        _step(model, backend, monkeypatch, *run, fused=fused, i=0)
+    steps = model.fused_decode.steps_run
+    gate_up = model.layers[0].mlp.gate_up_proj
+    with torch.no_grad():
+        gate_up.weight.copy_(_q4_1(tuple(gate_up.weight.shape), np.random.default_rng(5),
+                                   0.2))
+    fused = _step(model, backend, monkeypatch, *fused_run, fused=True, i=1)
+    plain = _step(model, backend, monkeypatch, *plain_run, fused=False, i=1)
+    assert model.fused_decode.steps_run == steps + 1
+    assert _equal_bits(fused, plain)
+
+
+def test_turning_the_4bit_reads_off_between_steps_leaves_the_python_forward(monkeypatch):
+    model, backend = _model(), TorchBackend()
+    harness, seqs = _prefilled(model, backend)
+    _step(model, backend, monkeypatch, harness, seqs, fused=True, i=0)
+    before = model.fused_decode.steps_run
+    monkeypatch.setenv("MINIPAGED_4BIT_WEIGHTS", "0")
+    _step(model, backend, monkeypatch, harness, seqs, fused=True, i=1)
+    assert model.fused_decode.steps_run == before
+
+
+@torch.inference_mode()
 def test_smollm2_decode_steps_are_bit_identical_fused_and_in_python(smollm2, torch_backend,
                                                                     monkeypatch):
     """The default model: its weights have exact 4-bit forms, so its decode is fused."""

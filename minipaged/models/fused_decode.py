@@ -81,7 +81,7 @@ class FusedDecode:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        # (key, the driver's array, the tensors it points into)
+        # (fingerprint, the driver's array, what keeps the fingerprint's ids alive)
         self._layers: tuple[tuple, ctypes.Array, tuple] | None = None
         self._workspace = torch.empty(0)
         self._kernels, self._kernels_of = _Kernels(), None   # the pointers, and their libraries
@@ -189,8 +189,8 @@ class FusedDecode:
         return array
 
     def _fingerprint(self, kv_caches: list) -> tuple:
-        """What the layer array is built from, cheaply (~0.1 ms against ~2.5 ms for
-        asking `four_bit_weight` of every layer, every step): the switches that decide
+        """What the layer array is built from, cheaply (~0.3 ms a step for SmolLM2's 30
+        layers, against ~2.5 ms for asking `four_bit_weight` of each layer): the switches that decide
         whether a weight is read in 4 bits, and the identity and version of every weight,
         bias, norm and cache, and of each linear's packed form (which a repack replaces
         and a write through `.data` drops)."""

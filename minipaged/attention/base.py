@@ -97,12 +97,17 @@ class AttentionBackend(ABC):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """One attention layer's paged step: write the new K/V, then attend.
 
         query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads,
-        head_dim]; returns [num_tokens, num_heads, head_dim].
+        head_dim]; returns [num_tokens, num_heads, head_dim], or with `rows` only those
+        rows' outputs (`forward_rows`).
         """
+        if rows is not None:
+            return self.forward_rows(query, key, value, key_cache, value_cache, meta, scale,
+                                     rows)
         self.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
         if meta.is_decode:
             return self.paged_attention_decode(query, key_cache, value_cache,

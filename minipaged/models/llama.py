@@ -67,11 +67,7 @@ class LlamaAttention(nn.Module):
         q = qk[:, :self.num_heads]
         k = qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        if rows is None:
-            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        else:
-            out = backend.forward_rows(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                                       rows)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rows)
         return self.o_proj(out.reshape(out.shape[0], self.q_size))
 
 

@@ -48,11 +48,7 @@ class OPTAttention(nn.Module):
         """Attention output of every row, or only of `rows` (all rows' K/V are cached)."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        if rows is None:
-            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        else:
-            out = backend.forward_rows(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                                       rows)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rows)
         return self.out_proj(out.reshape(out.shape[0], self.size))
 
 

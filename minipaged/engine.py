@@ -26,6 +26,7 @@ from minipaged.beam_search import beam_search_step
 from minipaged.model_executor.executor import build_executor
 from minipaged.model_executor.model_runner import BatchItem
 from minipaged.model_executor.tokenizer import detokenize_incrementally, initial_offsets
+from minipaged import prompt_logprobs
 from minipaged.outputs import RequestOutput
 from minipaged.sampler import Sampler, SamplingRow, fork_parallel_samples
 from minipaged.sampling import SamplingParams
@@ -71,7 +72,6 @@ class LLMEngine:
         self._num_steps = 0
         self._num_generated_tokens = 0
         self._num_prompt_tokens = 0
-        self._num_cached_prompt_tokens = 0
         self._num_finished = 0
 
     @classmethod
@@ -116,16 +116,14 @@ class LLMEngine:
         group = SequenceGroup.from_prompt(
             request_id, prompt_token_ids, params, self._next_seq_id, prompt=text,
             eos_token_ids=self.executor.eos_token_ids, arrival_time=arrival_time)
-        for seq in group.seqs:
-            seq.detokenizer_state = initial_offsets(len(prompt_token_ids))
+        group.seqs[0].detokenizer_state = initial_offsets(len(prompt_token_ids))  # the only one
         self._groups[request_id] = group
         self._num_prompt_tokens += len(prompt_token_ids)
         self.scheduler.add_group(group)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stop requests now; their blocks go back to the pool at once."""
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for rid in ids:
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
             group = self._groups.pop(rid, None)
             if group is not None:
                 self.scheduler.abort(rid)
@@ -157,9 +155,8 @@ class LLMEngine:
             outputs[group.request_id] = RequestOutput.from_seq_group(group)
         if out.is_empty:
             return list(outputs.values())
-        logits = self.executor.execute(self._batch_items(out), out.blocks_to_swap_in,
+        logits = self.executor.execute(items := self._batch_items(out), out.blocks_to_swap_in,
                                        out.blocks_to_swap_out, out.blocks_to_copy)
-
         rows: list[ScheduledSeq] = []
         for sch in out.scheduled:
             sch.group.mark_scheduled(now)
@@ -167,7 +164,10 @@ class LLMEngine:
             if sch.needs_logits:
                 rows.append(sch)
         if rows:
-            self._sample(rows, logits)
+            self._sample(rows, logits[:len(rows)])
+        if logits.shape[0] > len(rows):          # the prompt logprobs some requests asked for
+            prompt_logprobs.record([(s.group, it.start_pos, it.extra_logit_rows)
+                                    for s, it in zip(out.scheduled, items)], logits[len(rows):])
 
         now = time.monotonic()
         for sch in out.scheduled:
@@ -188,12 +188,13 @@ class LLMEngine:
         items = []
         for sch in out.scheduled:
             seq, start, n = sch.seq, sch.seq.num_computed_tokens, sch.num_new_tokens
-            if n == 1 and start == seq.get_len() - 1:
-                tokens = [seq.last_token_id]          # a decode: no need to copy the prefix
-            else:
-                tokens = seq.get_token_ids()[start:start + n]
-            items.append(BatchItem(tokens, start, self.block_manager.get_block_table(seq.seq_id),
-                                   sch.needs_logits))
+            table = self.block_manager.get_block_table(seq.seq_id)
+            if n == 1 and start == seq.get_len() - 1:   # a decode: no need to copy the prefix
+                items.append(BatchItem([seq.last_token_id], start, table, sch.needs_logits))
+            else:                                       # (nor any prompt logprob to give)
+                items.append(BatchItem(seq.get_token_ids()[start:start + n], start, table,
+                                       sch.needs_logits,
+                                       prompt_logprobs.extra_rows(sch.group, start, n)))
         return items
 
     def _sample(self, rows: list[ScheduledSeq], logits: torch.Tensor) -> None:

@@ -95,6 +95,9 @@ class RequestOutput:
     finished: bool
     metrics: Union[RequestMetrics, None] = None
     num_cached_tokens: Union[int, None] = None
+    #: per prompt token, {token: logprob} for it and the top others (None for the first
+    #: token); None unless SamplingParams.prompt_logprobs was set
+    prompt_logprobs: Union[list[Union[dict[int, float], None]], None] = None
 
     @classmethod
     def from_seq_group(cls, group: "SequenceGroup") -> "RequestOutput":
@@ -135,6 +138,9 @@ class RequestOutput:
             finished=group.is_finished(),
             metrics=dataclasses.replace(group.metrics),
             num_cached_tokens=group.num_cached_tokens,
+            # its dicts are never changed once written: copy the list, share the dicts
+            prompt_logprobs=(None if group.prompt_logprobs is None
+                             else list(group.prompt_logprobs)),
         )
 
     def __repr__(self) -> str:

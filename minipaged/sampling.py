@@ -48,6 +48,10 @@ class SamplingParams:
     chosen token's). presence/frequency_penalty (OpenAI, over the output) and
     repetition_penalty (HF/CTRL, over prompt and output). use_beam_search with
     length_penalty and early_stopping (True, False or "never", as HF/vLLM).
+    prompt_logprobs: also return, for each prompt token after the first, its
+    log-probability given the tokens before it, with the top-`prompt_logprobs` others
+    (the model's raw log-softmax; no sampling parameter applies). Such a request does not
+    read the prefix cache: every prompt position must be computed.
     """
 
     n: int = 1
@@ -71,6 +75,7 @@ class SamplingParams:
     early_stopping: Union[bool, str] = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: Union[int, None] = None
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -132,6 +137,10 @@ class SamplingParams:
             )
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}.")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or self.prompt_logprobs < 0):
+            raise ValueError("prompt_logprobs must be a non-negative integer, "
+                             f"got {self.prompt_logprobs!r}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:

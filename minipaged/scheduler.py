@@ -132,9 +132,8 @@ class Scheduler:
             group = queue.popleft()
             while not self._can_grow(group):
                 if not queue and not self.running:
-                    # Alone on the device and still no room: it can never grow. End it
-                    # as vLLM ends a sequence whose context is full, rather than swap it
-                    # in and out forever.
+                    # Alone on the device and still no room: it can never grow. End it as
+                    # vLLM ends a full context, rather than swap it in and out forever.
                     self._truncate(group, out)
                     break
                 victim = queue.pop() if queue else group
@@ -216,13 +215,15 @@ class Scheduler:
 
     def _take_tokens(self, group: SequenceGroup, budget: int, decodes: list[ScheduledSeq],
                      prefills: list[ScheduledSeq]) -> int:
+        # prompt logprobs: no prefix-cache entries either (its blocks may twin cached ones)
+        caching = self.block_manager.enable_prefix_caching and group.prompt_logprobs is None
         for seq in group.get_seqs(SequenceStatus.RUNNING):
             remaining = seq.get_len() - seq.num_computed_tokens
             n = min(remaining, budget)
             if n <= 0:
                 continue
             budget -= n
-            if self.block_manager.enable_prefix_caching:
+            if caching:
                 # Register the blocks this step fills as prefix-cache entries now, not
                 # after the step: a request admitted later in this same step may then hit
                 # them. That is safe because every layer writes the whole batch's K/V
@@ -237,8 +238,9 @@ class Scheduler:
         None: can never fit (the group is finished as rejected)."""
         seqs = group.get_seqs(SequenceStatus.WAITING)
         done: list[Sequence] = []
+        use = group.prompt_logprobs is None       # prompt logprobs need every row computed
         for seq in seqs:
-            status = self.block_manager.can_allocate(seq.get_token_ids())
+            status = self.block_manager.can_allocate(seq.get_token_ids(), use_cache=use)
             if status is AllocStatus.NEVER:
                 for s in done:
                     self.free_seq(s)
@@ -253,7 +255,7 @@ class Scheduler:
                     self.free_seq(s)
                     s.num_computed_tokens = 0
                 return False
-            self.block_manager.allocate([seq.seq_id], seq.get_token_ids())
+            self.block_manager.allocate([seq.seq_id], seq.get_token_ids(), use_cache=use)
             self._reserved[seq.seq_id] = seq.get_len()
             seq.num_computed_tokens = self.block_manager.num_cached_tokens(seq.seq_id)
             if group.num_cached_tokens is None:

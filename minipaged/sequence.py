@@ -201,6 +201,8 @@ class SequenceGroup:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         #: prompt tokens served from the prefix cache; set by the engine when admitted
         self.num_cached_tokens: Union[int, None] = None
+        #: per prompt token, its logprob entry (minipaged/prompt_logprobs.py), if asked for
+        self.prompt_logprobs = None if sampling_params.prompt_logprobs is None else [None]
         #: the request's own generator for seeded sampling (a CPU generator, so a seed
         #: gives the same tokens on every device and in every batch)
         self.generator = None
@@ -238,14 +240,10 @@ class SequenceGroup:
         return list(self.seqs_dict.values())
 
     def get_seqs(self, status: Union[SequenceStatus, None] = None) -> list[Sequence]:
-        if status is None:
-            return list(self.seqs_dict.values())
-        return [s for s in self.seqs_dict.values() if s.status == status]
+        return [s for s in self.seqs_dict.values() if status is None or s.status == status]
 
     def num_seqs(self, status: Union[SequenceStatus, None] = None) -> int:
-        if status is None:
-            return len(self.seqs_dict)
-        return sum(1 for s in self.seqs_dict.values() if s.status == status)
+        return len(self.seqs_dict) if status is None else len(self.get_seqs(status))
 
     def get_unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs_dict.values() if not s.is_finished()]
@@ -307,7 +305,5 @@ class SequenceGroup:
             self.metrics.finished_time = time.monotonic() if now is None else now
 
     def __repr__(self) -> str:
-        return (
-            f"SequenceGroup(request_id={self.request_id!r}, "
-            f"sampling_params={self.sampling_params!r}, num_seqs={self.num_seqs()})"
-        )
+        return (f"SequenceGroup(request_id={self.request_id!r}, "
+                f"sampling_params={self.sampling_params!r}, num_seqs={self.num_seqs()})")

@@ -261,6 +261,49 @@ def test_streamed_completion_logprobs_offsets_count_from_the_start_of_the_text(c
     assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
 
 
+def test_echo_with_logprobs_scores_the_prompt_before_the_completion(client, tokenizer):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logprobs=1, echo=True)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                      temperature=0, logprobs=1)
+    choice, n = out.choices[0], len(tokenizer.encode(PROMPT))
+    lp = choice.logprobs
+    assert choice.text == PROMPT + plain.choices[0].text
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == n + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None   # nothing before it
+    assert all(x <= 0.0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n + 4)]
+    # the completion's part is the plain request's (fp32 sums may differ in order: 1e-4)
+    for a, b in zip(lp.token_logprobs[n:], plain.choices[0].logprobs.token_logprobs):
+        assert abs(a - b) <= 1e-4
+
+
+def test_a_prompt_logprob_is_the_first_step_logprob_after_the_tokens_before_it(client,
+                                                                               tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    echo = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                     logprobs=5, echo=True).choices[0].logprobs
+    for i in (1, len(ids) - 1):
+        first = client.completions.create(model=MODEL, prompt=ids[:i], max_tokens=1,
+                                          temperature=0, logprobs=5).choices[0].logprobs
+        top, want = echo.top_logprobs[i], first.top_logprobs[0]
+        best = max(want, key=want.get)
+        assert abs(top[best] - want[best]) <= 1e-4       # the same distribution (fp32)
+
+
+def test_echo_with_max_tokens_zero_returns_the_prompt_alone_with_its_logprobs(http):
+    # how evaluation harnesses ask for a text's log-likelihood
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 0,
+                                           "echo": True, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == PROMPT
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == PROMPT and lp["token_logprobs"][0] is None
+    assert all(isinstance(x, float) and x <= 0.0 for x in lp["token_logprobs"][1:])
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:])   # logprobs 0: the token
+
+
 def test_chat_logprobs_list_each_token_with_its_alternatives(client):
     out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
                                          temperature=0, logprobs=True, top_logprobs=2)
@@ -331,6 +374,9 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 0}, "top_k"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 100}, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1,
+                         "stream": True}, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"model": MODEL}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, "prompt"),

@@ -75,7 +75,8 @@ class BlockManager:
         self.prefix_cache_queries = 0   # full prompt blocks that could have been hits
         self.prefix_cache_hits = 0      # ... and were
 
-    def can_allocate(self, token_ids: Sequence[int], num_seqs: int = 1) -> AllocStatus:
+    def can_allocate(self, token_ids: Sequence[int], num_seqs: int = 1, *,
+                     use_cache: bool = True) -> AllocStatus:
         """Can a prompt be admitted, leaving the watermark free for running sequences to
         grow? A group's `num_seqs` sequences share the prompt's blocks: no extra need."""
         if len(token_ids) == 0:
@@ -85,22 +86,24 @@ class BlockManager:
         required = _cdiv(len(token_ids), self.block_size)
         if required > self.num_blocks - self.watermark_blocks:
             return AllocStatus.NEVER
-        hits = self._match_prefix(token_ids, count=False)[0]
+        hits = self._match_prefix(token_ids, count=False, use_cache=use_cache)[0]
         if self._free_after(hits, required) >= self.watermark_blocks:
             return AllocStatus.OK
         return AllocStatus.LATER
 
-    def allocate(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int]) -> None:
-        """Give a prompt its blocks, shared by all `seq_ids` (refcount = len(seq_ids))."""
+    def allocate(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int], *,
+                 use_cache: bool = True) -> None:
+        """Give a prompt its blocks, shared by all `seq_ids` (refcount = len(seq_ids)).
+        use_cache=False (here and in can_allocate): no prefix-cache hits for this prompt."""
         if len(token_ids) == 0:
             raise ValueError("token_ids must not be empty")
         seq_ids = self._as_list(seq_ids, new=True)
         tokens = list(token_ids)
         required = _cdiv(len(tokens), self.block_size)
-        hits, hashes = self._match_prefix(tokens, count=True)
+        hits, hashes = self._match_prefix(tokens, count=True, use_cache=use_cache)
         if self._free_after(hits, required) < 0:
             raise NoFreeBlocksError(f"{required} blocks needed, {self.num_free_blocks} free")
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_cache:
             self.prefix_cache_queries += (len(tokens) - 1) // self.block_size
             self.prefix_cache_hits += len(hits)
         for block in hits:   # take the hits first: the evictions below must not take them
@@ -214,9 +217,6 @@ class BlockManager:
     def has_seq(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
 
-    def seq_ids(self) -> list[Hashable]:
-        return list(self._seqs)
-
     def is_swapped(self, seq_id: Hashable) -> bool:
         return self._get(seq_id).swapped
 
@@ -240,8 +240,8 @@ class BlockManager:
         """Fraction of device blocks held by sequences."""
         return (self.num_blocks - self.num_free_blocks) / self.num_blocks
 
-    def _match_prefix(self, tokens: Sequence[int], count: bool) -> tuple[list[int], list[int]]:
-        on = self.enable_prefix_caching
+    def _match_prefix(self, tokens: Sequence[int], count: bool, use_cache: bool) -> tuple:
+        on = self.enable_prefix_caching and use_cache      # (hits, their chain hashes)
         return self.prefix_cache.match(tokens, self.block_size, count) if on else ([], [])
 
     def _free_after(self, hits: list[int], required: int) -> int:   # once the prompt is in

@@ -178,13 +178,19 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
         choices = []
         for p, out in enumerate(finals):
             for i, c in enumerate(out.outputs):
+                # echoed: the prompt's tokens and logprobs come first (OpenAI's legacy API)
+                ids = list(out.prompt_token_ids) if body.echo else []
+                steps = list(out.prompt_logprobs or []) if body.echo else []
+                if not body.echo_only:
+                    ids += c.token_ids
+                    steps += c.logprobs or []
                 lp = None
-                if params.logprobs is not None and c.logprobs is not None:
-                    lp = completion_logprobs(engine.tokenizer, c.token_ids, c.logprobs,
-                                             params.logprobs)
+                if params.logprobs is not None:
+                    lp = completion_logprobs(engine.tokenizer, ids, steps, params.logprobs)
                 choices.append(CompletionChoice(
-                    index=p * params.n + i, text=echo[p] + c.text, logprobs=lp,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    index=p * params.n + i, logprobs=lp, finish_reason=c.finish_reason,
+                    text=echo[p] + ("" if body.echo_only else c.text),
+                    stop_reason=c.stop_reason))
         return CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=usage(finals))
 

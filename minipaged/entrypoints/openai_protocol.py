@@ -81,7 +81,8 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported by this server", "logit_bias")
         if logprobs is not None and logprobs > MAX_LOGPROBS:
@@ -109,7 +110,8 @@ class SamplingFields(OpenAIModel):
                 use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
                 early_stopping=self.early_stopping,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                prompt_logprobs=prompt_logprobs)
         except ValueError as e:
             # SamplingParams' messages start with the field's name ("top_p must be ...")
             param = str(e).split(" ", 1)[0].rstrip(":")
@@ -145,10 +147,17 @@ class CompletionRequest(SamplingFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix:
             raise RequestError("suffix is not supported by this server", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo with logprobs is not supported (no prompt logprobs)",
-                               "echo")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None and self.stream:
+            raise RequestError("echo with logprobs is not supported when streaming", "echo")
+        # echo with logprobs scores the prompt itself (its prompt logprobs); with
+        # max_tokens 0 nothing is generated for the client (one token is, and dropped)
+        return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs,
+                                     self.logprobs if self.echo else None)
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (not streamed): answer with the prompt alone."""
+        return self.echo and self.max_tokens == 0 and not self.stream
 
 
 class ChatMessage(OpenAIModel):

@@ -126,22 +126,28 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],
+def completion_logprobs(tokenizer, token_ids: list[int],
+                        logprobs: list[dict[int, float] | None],
                         num_top: int, text_offset: int = 0) -> CompletionLogProbs:
     """/v1/completions format: parallel lists, top_logprobs as {token text: logprob}:
     the num_top most likely tokens and, as OpenAI's legacy API does, always the sampled
-    one (so up to num_top + 1 entries; with logprobs=0, the sampled token alone)."""
+    one (so up to num_top + 1 entries; with logprobs=0, the sampled token alone). A step
+    of None (an echoed prompt's first token: nothing precedes it) gives None in both."""
     out = CompletionLogProbs()
     for tid, step in zip(token_ids, logprobs):
         tok = token_text(tokenizer, tid)
         out.tokens.append(tok)
+        out.text_offset.append(text_offset)
+        text_offset += len(tok)
+        if step is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(step.get(tid))
         ranked = sorted(step.items(), key=lambda kv: kv[1], reverse=True)[:max(num_top, 0)]
         if tid in step and all(t != tid for t, _ in ranked):
             ranked.append((tid, step[tid]))
         out.top_logprobs.append({token_text(tokenizer, t): lp for t, lp in ranked})
-        out.text_offset.append(text_offset)
-        text_offset += len(tok)
     return out
 
 

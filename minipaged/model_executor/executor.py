@@ -88,7 +88,8 @@ class ModelExecutor:
 
 
 class StubExecutor:
-    """No model: logits favour token (last + 1) % vocab, so greedy output is predictable.
+    """No model: a row's logits favour token (its token + 1) % vocab, so greedy output is
+    predictable.
 
     Used for scheduler-level simulations and engine tests of pure bookkeeping.
     """
@@ -109,6 +110,7 @@ class StubExecutor:
         self.num_swapped_out += len(swap_out)
         self.num_copied += len(copies)
         rows = [it.token_ids[-1] for it in items if it.needs_logits]
+        rows += [t for it in items for t in it.token_ids[:it.extra_logit_rows]]
         logits = torch.zeros((len(rows), self.vocab_size))
         if rows:
             logits[torch.arange(len(rows)), (torch.tensor(rows) + 1) % self.vocab_size] = 5.0

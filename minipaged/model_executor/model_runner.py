@@ -30,17 +30,22 @@ class BatchItem:
     start_pos: the position of the first of them (the tokens before are already cached);
     block_table: the sequence's physical blocks, covering start_pos + len(token_ids) slots;
     needs_logits: sample after this step (False for a non-final prefill chunk).
+    extra_logit_rows: the logits of this many of its first rows are wanted too (a
+    request's prompt logprobs: row i's logits predict token i + 1).
     """
 
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
     needs_logits: bool = True
+    extra_logit_rows: int = 0
 
 
 def build_metadata(items: list[BatchItem], block_size: int, device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-    """(input_ids, positions, metadata, logits_indices) for a list of batch items.
+    """(input_ids, positions, metadata, logits_indices) for a list of batch items:
+    logits_indices, the rows whose logits are wanted (see BatchItem), in the order the
+    logits come back.
 
     Items with one new token must come first (decodes, then prefills): the attention
     backend runs the decode kernel on that leading run and the prefill kernel on the rest.
@@ -71,8 +76,11 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
         num_decode_seqs += 1
     # A one-token item after a prefill is still correct (the prefill kernel handles it);
     # only the leading run goes to the decode kernel.
+    # The sampled rows (one per item that samples), then the extra rows, item by item.
     logits_indices = np.array([query_start_loc[i + 1] - 1 for i, it in enumerate(items)
-                               if it.needs_logits], dtype=np.int64)
+                               if it.needs_logits]
+                              + [query_start_loc[i] + j for i, it in enumerate(items)
+                                 for j in range(it.extra_logit_rows)], dtype=np.int64)
 
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(a).to(device=device, dtype=dtype)
@@ -91,7 +99,8 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
 
 
 class ModelRunner:
-    """Runs the model on a step's batch; returns fp32 logits for the rows to sample."""
+    """Runs the model on a step's batch; returns fp32 logits for the rows to sample (and
+    the extra rows some items ask for, after them)."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, backend: AttentionBackend,
                  device: torch.device | str = "cpu") -> None:
@@ -103,12 +112,18 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, items: list[BatchItem],
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward the batch through the paged cache; logits [num_items_needing_logits, V]."""
+        """Forward the batch through the paged cache; logits [len(logits_indices), V]: one
+        row per item that samples, then each item's extra rows (build_metadata)."""
         input_ids, positions, meta, logits_indices = build_metadata(items, self.block_size,
                                                                     self.device)
-        # only the sampled rows come back: the last layer computes nothing else
+        order = None
+        if any(it.extra_logit_rows for it in items):   # the model takes its rows sorted
+            logits_indices, order = logits_indices.sort()
+        # only the wanted rows come back: the last layer computes nothing else
         hidden = self.model(input_ids, positions, kv_caches, meta, self.backend,
                             output_rows=logits_indices)
+        if order is not None:
+            hidden = hidden[order.argsort()]
         if logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32)
         return self.model.compute_logits(hidden).float()

@@ -173,6 +173,16 @@ static void weigh_rows(Work *w, const float *v, int64_t row, int64_t m, int rows
     else weigh_rows_nv(w, v, row, m, rows, dim / 8);
 }
 
+/* exp(d), or 0 where d < -87 (there exp(d) < 2^-125, below anything a sum of
+ * probabilities of at least 1 can hold). The argument is clamped first: the vector expf
+ * takes a slow scalar path for any lane out of its range, and the masked scores
+ * (MASKED - max) and the first block's rescale (from MASKED) are far out of it: this
+ * made the kernel ~8 % faster on the Zen 4-class EPYC (2026-12-06), bit-identical on its
+ * test shapes (only a term below 2^-125 could differ, and a sum of at least 1 drops it). */
+static inline float exp_or_zero(float d) {
+    return d < -87.0f ? 0.0f : expf(d < -87.0f ? -87.0f : d);
+}
+
 /* Mask keys t0 + j past each row's position, then fold the block's m keys into the
  * rows' running softmax: s becomes exp(s - new max), alpha the old part's rescale.
  * Every loop runs over the ROWS rows, which the compiler puts in vector lanes. */
@@ -192,14 +202,14 @@ static void fold_block(Work *w, int64_t t0, int64_t m, int diagonal) {
     float total[ROWS];
 #pragma omp simd
     for (int r = 0; r < ROWS; ++r) {
-        w->alpha[r] = expf(w->run_max[r] - mx[r]);
+        w->alpha[r] = exp_or_zero(w->run_max[r] - mx[r]);
         total[r] = 0.0f;
     }
     for (int64_t j = 0; j < m; ++j) {
         float *s = w->s + j * ROWS;
 #pragma omp simd
         for (int r = 0; r < ROWS; ++r) {
-            s[r] = expf(s[r] - mx[r]);
+            s[r] = exp_or_zero(s[r] - mx[r]);
             total[r] += s[r];
         }
     }

@@ -81,12 +81,19 @@ def test_the_4bit_product_equals_the_float32_product(rows, bias):
     np.testing.assert_allclose(y.numpy(), expected.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [64, 96, 128])    # panels one by one, in pairs, both
 @pytest.mark.parametrize("k", [64, 224])              # one chunk of inputs; a chunk and a part
-def test_the_kernel_rebuilds_every_weight_bit_for_bit(k):
+def test_the_kernel_rebuilds_every_weight_bit_for_bit(k, n, threads):
     # x = I: each output is 1.0 x one weight plus exact zeros, so y = W^T exactly; a
     # weight rebuilt even one ulp off (a wrong code, scale or rounding) would show
-    w = torch.from_numpy(_fixed_q4_1(64, k, k))
-    y = cpu_4bit.linear_4bit(torch.eye(k), cpu_4bit.pack_exact_4bit(w), 64)
+    w = torch.from_numpy(_fixed_q4_1(n, k, k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)          # each thread takes a run of panels
+    try:
+        y = cpu_4bit.linear_4bit(torch.eye(k), cpu_4bit.pack_exact_4bit(w), n)
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(y, w.T)
 
 

@@ -302,6 +302,8 @@ def test_echo_with_max_tokens_zero_returns_the_prompt_alone_with_its_logprobs(ht
     assert "".join(lp["tokens"]) == PROMPT and lp["token_logprobs"][0] is None
     assert all(isinstance(x, float) and x <= 0.0 for x in lp["token_logprobs"][1:])
     assert all(len(top) == 1 for top in lp["top_logprobs"][1:])   # logprobs 0: the token
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] == 0 and usage["total_tokens"] == usage["prompt_tokens"]
 
 
 def test_chat_logprobs_list_each_token_with_its_alternatives(client):

@@ -191,8 +191,10 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str],
                     index=p * params.n + i, logprobs=lp, finish_reason=c.finish_reason,
                     text=echo[p] + ("" if body.echo_only else c.text),
                     stop_reason=c.stop_reason))
-        return CompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=usage(finals))
+        counted = usage(finals)
+        if body.echo_only:     # the one token generated to run the prompt is not returned
+            counted.completion_tokens, counted.total_tokens = 0, counted.prompt_tokens
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=counted)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):

@@ -58,15 +58,9 @@ def make_seq_id_counter(start: int = 0) -> Callable[[], int]:
 class Sequence:
     """One token sequence: the prompt plus what was generated from it so far."""
 
-    def __init__(
-        self,
-        seq_id: int,
-        prompt_token_ids: Iterable[int],
-        prompt: Union[str, None] = None,
-        *,
-        eos_token_ids: Collection[int] = (),
-        return_logprobs: bool = False,
-    ) -> None:
+    def __init__(self, seq_id: int, prompt_token_ids: Iterable[int],
+                 prompt: Union[str, None] = None, *, eos_token_ids: Collection[int] = (),
+                 return_logprobs: bool = False) -> None:
         self.seq_id = int(seq_id)
         self.prompt = prompt
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
@@ -114,10 +108,9 @@ class Sequence:
     def mark_computed(self, num_tokens: int) -> None:
         """Record that `num_tokens` more tokens had their K/V written this step."""
         if num_tokens < 0 or self.num_computed_tokens + num_tokens > self.get_len():
-            raise ValueError(
-                f"num_tokens={num_tokens} would make num_computed_tokens exceed the "
-                f"sequence length {self.get_len()} (now {self.num_computed_tokens})."
-            )
+            raise ValueError(f"num_tokens={num_tokens} would make num_computed_tokens exceed "
+                             f"the sequence length {self.get_len()} "
+                             f"(now {self.num_computed_tokens}).")
         self.num_computed_tokens += num_tokens
 
     # -- growth -----------------------------------------------------------------------
@@ -158,9 +151,8 @@ class Sequence:
     def finish_reason(self) -> Union[str, None]:
         return SequenceStatus.finish_reason(self.status)
 
-    def get_beam_search_score(
-        self, length_penalty: float = 1.0, seq_len: Union[int, None] = None
-    ) -> float:
+    def get_beam_search_score(self, length_penalty: float = 1.0,
+                              seq_len: Union[int, None] = None) -> float:
         """cumulative_logprob / seq_len ** length_penalty, as vLLM v0 (after HF): seq_len
         is the whole length, prompt included, not counting a final EOS token."""
         if seq_len is None:
@@ -170,23 +162,17 @@ class Sequence:
         return self.cumulative_logprob / (seq_len**length_penalty)
 
     def __repr__(self) -> str:
-        return (
-            f"Sequence(seq_id={self.seq_id}, status={self.status.name}, "
-            f"prompt_len={self.get_prompt_len()}, output_token_ids={self.output_token_ids}, "
-            f"num_computed_tokens={self.num_computed_tokens})"
-        )
+        return (f"Sequence(seq_id={self.seq_id}, status={self.status.name}, "
+                f"prompt_len={self.get_prompt_len()}, output_token_ids={self.output_token_ids}, "
+                f"num_computed_tokens={self.num_computed_tokens})")
 
 
 class SequenceGroup:
     """One request: its sequences (insertion-ordered), parameters and timing."""
 
-    def __init__(
-        self,
-        request_id: str,
-        seqs: Iterable[Sequence],
-        sampling_params: SamplingParams,
-        arrival_time: Union[float, None] = None,
-    ) -> None:
+    def __init__(self, request_id: str, seqs: Iterable[Sequence],
+                 sampling_params: SamplingParams, arrival_time: Union[float, None] = None
+                 ) -> None:
         self.request_id = request_id
         self.seqs_dict: dict[int, Sequence] = {}
         for seq in seqs:
@@ -212,25 +198,13 @@ class SequenceGroup:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
 
     @classmethod
-    def from_prompt(
-        cls,
-        request_id: str,
-        prompt_token_ids: Iterable[int],
-        sampling_params: SamplingParams,
-        next_seq_id: Callable[[], int],
-        *,
-        prompt: Union[str, None] = None,
-        eos_token_ids: Collection[int] = (),
-        arrival_time: Union[float, None] = None,
-    ) -> "SequenceGroup":
+    def from_prompt(cls, request_id: str, prompt_token_ids: Iterable[int],
+                    sampling_params: SamplingParams, next_seq_id: Callable[[], int], *,
+                    prompt: Union[str, None] = None, eos_token_ids: Collection[int] = (),
+                    arrival_time: Union[float, None] = None) -> "SequenceGroup":
         """A new request holding one WAITING sequence (forked later for best_of / beams)."""
-        seq = Sequence(
-            next_seq_id(),
-            prompt_token_ids,
-            prompt,
-            eos_token_ids=eos_token_ids,
-            return_logprobs=sampling_params.logprobs is not None,
-        )
+        seq = Sequence(next_seq_id(), prompt_token_ids, prompt, eos_token_ids=eos_token_ids,
+                       return_logprobs=sampling_params.logprobs is not None)
         return cls(request_id, [seq], sampling_params, arrival_time)
 
     # -- membership -------------------------------------------------------------------

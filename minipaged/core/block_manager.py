@@ -87,9 +87,8 @@ class BlockManager:
         if required > self.num_blocks - self.watermark_blocks:
             return AllocStatus.NEVER
         hits = self._match_prefix(token_ids, count=False, use_cache=use_cache)[0]
-        if self._free_after(hits, required) >= self.watermark_blocks:
-            return AllocStatus.OK
-        return AllocStatus.LATER
+        ok = self._free_after(hits, required) >= self.watermark_blocks
+        return AllocStatus.OK if ok else AllocStatus.LATER
 
     def allocate(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int], *,
                  use_cache: bool = True) -> None:
@@ -109,9 +108,8 @@ class BlockManager:
         for block in hits:   # take the hits first: the evictions below must not take them
             self.prefix_cache.acquire_block(self.device, block)
         blocks = hits + [self._take_block() for _ in range(required - len(hits))]
-        for block in blocks:
-            for _ in range(len(seq_ids) - 1):
-                self.device.incref(block)
+        for block in blocks * (len(seq_ids) - 1):   # one more reference per extra sharer
+            self.device.incref(block)
         cached = len(hits) * self.block_size
         for seq_id in seq_ids:
             self._seqs[seq_id] = _Seq(BlockTable(self.block_size, blocks, len(tokens)),
@@ -196,9 +194,8 @@ class BlockManager:
         keeping the watermark free unless no sequence is on the device (it protects nobody)."""
         seqs = self._group(seq_ids, swapped=True)
         needed = len(distinct_blocks(s.table for s in seqs)) + len(seqs)
-        if all(s.swapped for s in self._seqs.values()):
-            return needed <= self.num_free_blocks
-        return self.num_free_blocks - needed >= self.watermark_blocks
+        reserve = 0 if all(s.swapped for s in self._seqs.values()) else self.watermark_blocks
+        return self.num_free_blocks - needed >= reserve
 
     def swap_in(self, seq_ids: Sequence[Hashable]) -> list[tuple[int, int]]:
         """Bring a swapped group back; returns the ``(host_block, device_block)`` pairs."""
@@ -216,6 +213,9 @@ class BlockManager:
 
     def has_seq(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
+
+    def seq_ids(self) -> list[Hashable]:
+        return list(self._seqs)
 
     def is_swapped(self, seq_id: Hashable) -> bool:
         return self._get(seq_id).swapped

@@ -35,6 +35,7 @@ from minipaged.core.report import live_seq_ids
 from minipaged.core.trace import Request, make_trace
 from minipaged.engine import LLMEngine
 from minipaged.model_executor.executor import StubExecutor
+from minipaged.model_executor.model_runner import ModelOutput
 from minipaged.sampling import SamplingParams
 
 from .machine import machine_line
@@ -106,7 +107,7 @@ class RecordingStub(StubExecutor):
             self.on_execute(items)
         return self._logits(items, swap_in, swap_out, copies)
 
-    def _logits(self, items, swap_in, swap_out, copies) -> torch.Tensor:
+    def _logits(self, items, swap_in, swap_out, copies) -> ModelOutput:
         return StubExecutor.execute(self, items, swap_in, swap_out, copies)
 
 
@@ -121,9 +122,9 @@ class HashStub(RecordingStub):
         self.scale = scale
         self.salt = salt
 
-    def _logits(self, items, swap_in, swap_out, copies) -> torch.Tensor:
+    def _logits(self, items, swap_in, swap_out, copies) -> ModelOutput:
         StubExecutor.execute(self, [], swap_in, swap_out, copies)   # count the block moves
-        rows = []
+        rows, tokens = [], []
         for it in items:
             if not it.needs_logits:
                 continue
@@ -131,10 +132,14 @@ class HashStub(RecordingStub):
             digest = hashlib.blake2b(f"{self.salt}:{pos}:{it.token_ids[-1]}".encode(),
                                      digest_size=8).digest()
             rng = np.random.default_rng(int.from_bytes(digest, "little"))
-            rows.append(rng.standard_normal(self.vocab_size) * self.scale)
+            row = (rng.standard_normal(self.vocab_size) * self.scale).astype(np.float32)
+            if it.argmax_only:
+                tokens.append(int(np.argmax(row)))     # the first largest, as torch's
+            else:
+                rows.append(row)
         if not rows:
-            return torch.zeros((0, self.vocab_size))
-        return torch.from_numpy(np.stack(rows).astype(np.float32))
+            return ModelOutput(torch.zeros((0, self.vocab_size)), tokens)
+        return ModelOutput(torch.from_numpy(np.stack(rows)), tokens)
 
 
 def make_engine(num_gpu_blocks: int, block_size: int = 16, *, max_model_len: int = MAX_LEN,

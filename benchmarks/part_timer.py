@@ -71,6 +71,8 @@ def timed_parts(llm, timer: PartTimer) -> Iterator[None]:
         elif module is model or name.count(".") <= 2 and name.startswith("layers."):
             patch(module, "forward", "model glue")  # the model, its layers, attention
     patch(model, "compute_logits", "LM head", "lm_head")
+    if hasattr(model, "greedy_tokens"):       # greedy rows: the screened LM head
+        patch(model, "greedy_tokens", "LM head", "lm_head_greedy")
     backend = executor.backend
     patch(backend, "forward", "model glue")
     patch(backend, "paged_attention_decode", "decode attention")

@@ -53,7 +53,8 @@ from .workload import (MAX_MODEL_LEN, add_workload_args, ensure_hf_dir, make_pro
 PARTS = ("layer products", "LM head", "decode attention", "prompt attention",
          "KV cache writes", "norms", "rotary", "SiLU x up", "sampler", "scheduler",
          "engine bookkeeping", "model glue", "generate loop")
-PRODUCTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")   # step order
+#: step order; lm_head_greedy: the greedy rows' token through the bf16 screen (greedy_head.py)
+PRODUCTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "lm_head_greedy")
 PROMPT_ROWS = 256           # a product with more rows than this belongs to a prompt step
 FUSED_RUN = "whole run, fused decode step on"
 
@@ -62,8 +63,9 @@ def product(llm, name: str) -> tuple[Callable, int, int]:
     """(the product's function, in_features, out_features): the first layer's projection
     of that name, or the LM head."""
     model = llm.llm_engine.executor.model
-    if name == "lm_head":
-        return model.compute_logits, model.config.hidden_size, model.config.vocab_size
+    if name in ("lm_head", "lm_head_greedy"):
+        fn = model.compute_logits if name == "lm_head" else model.greedy_tokens
+        return fn, model.config.hidden_size, model.config.vocab_size
     module = next(m for n, m in model.named_modules() if n.endswith("." + name))
     return module.forward, module.weight.shape[1], module.weight.shape[0]
 

@@ -8,7 +8,9 @@ In the same run, on the same checkpoint and the same prompt token ids:
 
 - minipaged (`LLM.generate` of all prompts: continuous batching over the paged cache),
   as it runs by default (decode-sized products read the weights' exact 4-bit form,
-  kernels/cpu_4bit_linear.c) and with MINIPAGED_4BIT_WEIGHTS=0 (float32 weight reads);
+  kernels/cpu_4bit_linear.c; greedy rows take their token from a bf16 screen of the LM
+  head, minipaged/models/greedy_head.py), with MINIPAGED_4BIT_WEIGHTS=0 (float32 weight
+  reads) and with MINIPAGED_GREEDY_SCREEN=0 (the float32 LM head for every row);
 - Hugging Face transformers `generate` with static batching (batches of 1, 8 and 32
   prompts in order, left-padded; batch 1 on the first --bs1-prompts prompts only, as it
   is slow) and its continuous batching (`generate_batch`, paged attention);
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 
 from minipaged.models.fused_decode import SWITCH as FUSED_SWITCH
+from minipaged.models.greedy_head import SWITCH as SCREEN_SWITCH
 from minipaged.models.packed_linear import FOUR_BIT_SWITCH
 
 from .common import add_common_args, out_dir
@@ -57,7 +60,7 @@ from .engines import (env_set, hf_model, run_hf_continuous, run_hf_static, run_i
                       run_minipaged, run_vllm)
 from .identity import identity
 from .machine import machine_line, matmul_peak, wait_for_idle
-from .throughput_report import F32_LABEL, PYTHON_DECODE_LABEL, report
+from .throughput_report import F32_HEAD_LABEL, F32_LABEL, PYTHON_DECODE_LABEL, report
 from .workload import (Workload, add_workload_args, ensure_hf_dir, make_prompts, model_flops,
                        peers_available, smoke_model, smoke_workloads)
 
@@ -72,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     add_workload_args(parser)
     parser.add_argument("--engines",
-                        default="minipaged,minipaged-f32,minipaged-python-decode,hf-static,"
-                                "hf-continuous,vllm",
+                        default="minipaged,minipaged-f32,minipaged-f32-head,"
+                                "minipaged-python-decode,hf-static,hf-continuous,vllm",
                         help="comma-separated subset of minipaged, minipaged-f32 (float32 "
-                             "weight reads), minipaged-python-decode (no fused decode "
-                             "step), hf-static, hf-continuous, vllm")
+                             "weight reads), minipaged-f32-head (no greedy screen), "
+                             "minipaged-python-decode (no fused decode step), hf-static, "
+                             "hf-continuous, vllm")
     parser.add_argument("--hf-batch-sizes", default=",".join(map(str, HF_BATCH_SIZES)))
     parser.add_argument("--bs1-prompts", type=int, default=16,
                         help="prompts transformers runs at batch size 1 (it is slow)")
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{F32_LABEL} ...", flush=True)
         with env_set(FOUR_BIT_SWITCH, "0"):
             results[F32_LABEL] = run_minipaged(model_dir, workloads, idle, repeats)
+    if "minipaged-f32-head" in engines:
+        print(f"{F32_HEAD_LABEL} ...", flush=True)
+        with env_set(SCREEN_SWITCH, "0"):
+            results[F32_HEAD_LABEL] = run_minipaged(model_dir, workloads, idle, repeats)
     if "minipaged-python-decode" in engines:
         print(f"{PYTHON_DECODE_LABEL} ...", flush=True)
         with env_set(FUSED_SWITCH, "0"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from minipaged.models.fused_decode import SWITCH as FUSED_SWITCH
+from minipaged.models.greedy_head import SWITCH as SCREEN_SWITCH
 from minipaged.models.packed_linear import FOUR_BIT_SWITCH
 
 from .common import (command_line, format_table, markdown_table, pyplot, write_csv,
@@ -20,6 +21,7 @@ from .workload import MAX_MODEL_LEN
 
 F32_LABEL = "minipaged, float32 weight reads"
 PYTHON_DECODE_LABEL = "minipaged, decode steps in Python"
+F32_HEAD_LABEL = "minipaged, float32 LM head for greedy rows"
 
 
 def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
@@ -59,6 +61,11 @@ def report(rows, identity_rows, workloads, peak, args, argv, out, notes_skipped,
         "minipaged runs each pure decode step as one C call that calls the same kernels "
         "as its Python forward, bit for bit (minipaged/models/fused_decode.py); "
         f"'{PYTHON_DECODE_LABEL}' is minipaged with that off ({FUSED_SWITCH}=0)",
+        "minipaged takes a greedy row's token from a bf16 product of the LM head with a "
+        "proven error bound, rescoring in float32 the few tokens the bound cannot rule "
+        "out: the float32 argmax, without the float32 logits "
+        f"(minipaged/models/greedy_head.py); '{F32_HEAD_LABEL}' is minipaged with that "
+        f"off ({SCREEN_SWITCH}=0)",
         "workloads: " + "; ".join(f"{k}: prompt tokens min / mean / max {a} / {b} / {c}"
                                   for k, (a, b, c) in lens.items())
         + f"; {workloads[0].max_tokens} generated tokens per prompt (greedy, ignore_eos), "

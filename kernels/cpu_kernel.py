@@ -65,6 +65,7 @@ SIGNATURES = {
     "rotary_f32": (None, [_P, _I64, _I64, _I64, _I64, _P, _P]),
     "silu_mul_f32": (None, [_P, _P, _I64, _I64, _I64]),
     "argmax_logsumexp_f32": (_I32, [_P, _I64, _I64, _I64, _P, _P]),
+    "greedy_screen_f32": (_I32, [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P]),
     "pack_4bit_f32": (_I32, [_P, _I64, _I64, _P]),
     "linear_4bit_f32": (None, [_P, _P, _I64, _P, _P, _I64, _I64, _I64]),
     "has_fast_4bit_linear": (_I32, []),

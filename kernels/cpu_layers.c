@@ -1,7 +1,7 @@
 /* The per-token layer ops of a LLaMA decoder step, in C, for the CPU: RMSNorm (with the
  * residual add fused in), rotary position embedding, the SwiGLU MLP's silu(gate) * up,
- * and the greedy sampler's row reduction (argmax and log-sum-exp of each row of
- * logits, in one call).
+ * and the greedy sampler's row reductions: argmax and log-sum-exp of each row of
+ * logits in one call, and the second half of the bf16 greedy screen (below).
  *
  * Not the paper's subject: they are here because at decode batch sizes each is a few
  * tens of thousands of floats, and torch runs each as several multi-threaded passes
@@ -172,4 +172,118 @@ int argmax_logsumexp_f32(const float *x, int64_t rows, int64_t n, int64_t stride
         lse[r] = mx + logf(total);
     }
     return saw_nan;
+}
+
+
+/* 16 bf16 values (the top halves of float32s) as 16 floats: exact. */
+typedef uint16_t v16h __attribute__((vector_size(32)));
+static inline v16 load16_bf16(const uint16_t *p) {
+    v16h b; memcpy(&b, p, sizeof b);
+    return (v16)(__builtin_convertvector(b, v16i) << 16);
+}
+
+/* float32 dot product of two k-vectors in a fixed order (16 lane sums, then the lanes
+ * in order): the "float32 logit" that the screen's result is the argmax of. */
+static float dot_f32(const float *a, const float *b, int64_t k) {
+    v16 acc = splat16(0.0f);
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) acc += load16(a + i) * load16(b + i);
+    float total = 0.0f;
+    for (int j = 0; j < 16; ++j) total += acc[j];
+    for (; i < k; ++i) total += a[i] * b[i];
+    return total;
+}
+
+/* The greedy screen (models/greedy_head.py): per row r, lb[r] holds the bf16 logits
+ * of the bf16-rounded hidden state hb[r] against the bf16-rounded LM head. Every
+ * logit's distance from the float32 one is bounded by
+ *     E[v] = alpha * wn[v] + beta * dwn[v] + c * |lb[v]|
+ * (wn[v] = |w_v|, dwn[v] = |w_v - bf16(w_v)|; alpha, beta from the row's norms, see
+ * greedy_head.py). A token whose bf16 logit plus its bound is below the best lower
+ * bound cannot be the float32 argmax; the others (usually 1 or 2) are rescored in
+ * float32 from h and w, in index order, the first largest winning. tokens[r]: the
+ * argmax, candidates[r]: how many were rescored (-1 if the row holds a NaN or an
+ * infinity: the caller must take its float32 path). Returns the number of such rows. */
+int greedy_screen_f32(const uint16_t *lb, int64_t lb_stride, const uint16_t *hb,
+                      const float *h, int64_t rows, int64_t k, const float *w,
+                      const float *wn, const float *dwn, int64_t vocab,
+                      int64_t *tokens, int64_t *candidates) {
+    int failed = 0;
+    /* gamma: the float32 summation bound of k products; 2^-8 / (1 - 2^-8): a bf16
+     * rounding of the result; SAFETY: this function's own float32 roundings of E */
+    const double gamma = (double)(k + 2) * 0x1p-24 / (1.0 - (double)(k + 2) * 0x1p-24);
+    const double SAFETY = 1.0 + 0x1p-10;
+#pragma omp parallel for schedule(static) reduction(+ : failed)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *hr = h + r * k;
+        const uint16_t *row = lb + r * lb_stride;
+        double dh2 = 0.0, hb2 = 0.0, h2 = 0.0;
+        for (int64_t i = 0; i < k; ++i) {
+            uint32_t bits = (uint32_t)hb[r * k + i] << 16;
+            float b;
+            memcpy(&b, &bits, sizeof b);
+            const double d = (double)hr[i] - (double)b;
+            dh2 += d * d; hb2 += (double)b * b; h2 += (double)hr[i] * hr[i];
+        }
+        if (!isfinite(h2) || !isfinite(hb2)) { candidates[r] = -1; tokens[r] = 0; ++failed; continue; }
+        const float alpha = (float)((sqrt(dh2) + gamma * (sqrt(hb2) + sqrt(h2))) * SAFETY);
+        const float beta = (float)(sqrt(hb2) * (1.0 + gamma) * SAFETY);
+        const float c = (float)(0x1p-8 / (1.0 - 0x1p-8) * SAFETY);
+        /* 1. the largest lower bound lb - E over the row (and whether any value is not
+         * finite: an infinity or NaN times anything keeps the bound from holding) */
+        v16 lo = splat16(-INFINITY);
+        v16i bad = {0};
+        int64_t v = 0;
+        for (; v + 16 <= vocab; v += 16) {
+            const v16 x = load16_bf16(row + v);
+            const v16 ax = select16(x < splat16(0.0f), -x, x);
+            bad |= (x != x) | (ax == splat16(INFINITY));
+            const v16 e = splat16(alpha) * load16(wn + v) + splat16(beta) * load16(dwn + v)
+                          + splat16(c) * ax;
+            const v16 l = x - e;
+            lo = select16(l > lo, l, lo);
+        }
+        float lower = -INFINITY;
+        int any_bad = 0;
+        for (int j = 0; j < 16; ++j) { lower = lo[j] > lower ? lo[j] : lower; any_bad |= bad[j] != 0; }
+        for (int64_t t = v; t < vocab; ++t) {
+            uint32_t bits = (uint32_t)row[t] << 16;
+            float x;
+            memcpy(&x, &bits, sizeof x);
+            if (!isfinite(x)) any_bad = 1;
+            const float l = x - (alpha * wn[t] + beta * dwn[t] + c * fabsf(x));
+            lower = l > lower ? l : lower;
+        }
+        if (any_bad || !isfinite(lower)) { candidates[r] = -1; tokens[r] = 0; ++failed; continue; }
+        /* 2. rescore, in index order, each token whose upper bound lb + E reaches it
+         * (less a slack for the float32 roundings of lb + E and of lower itself) */
+        const float threshold = lower - 0x1p-18f * (fabsf(lower) + 1.0f);
+        float best = -INFINITY;
+        int64_t best_token = -1, count = 0;
+        for (int64_t t = 0; t < vocab; t += 16) {
+            const int64_t end = t + 16 <= vocab ? t + 16 : vocab;
+            if (end - t == 16) {
+                const v16 x = load16_bf16(row + t);
+                const v16 ax = select16(x < splat16(0.0f), -x, x);
+                const v16 up = x + (splat16(alpha) * load16(wn + t)
+                                    + splat16(beta) * load16(dwn + t) + splat16(c) * ax);
+                const v16i hit = up >= splat16(threshold);
+                int64_t any = 0;
+                for (int j = 0; j < 16; ++j) any |= hit[j];
+                if (!any) continue;
+            }
+            for (int64_t u = t; u < end; ++u) {
+                uint32_t bits = (uint32_t)row[u] << 16;
+                float x;
+                memcpy(&x, &bits, sizeof x);
+                if (x + (alpha * wn[u] + beta * dwn[u] + c * fabsf(x)) < threshold) continue;
+                const float exact = dot_f32(hr, w + u * k, k);
+                ++count;
+                if (best_token < 0 || exact > best) { best = exact; best_token = u; }
+            }
+        }
+        tokens[r] = best_token;
+        candidates[r] = count;
+    }
+    return failed;
 }

@@ -1,6 +1,7 @@
 """Call the C layer ops for the CPU (kernels/cpu_layers.c, built by `cpu_kernel.load`):
 RMSNorm with the residual add fused, the rotary embedding in place, the MLP's
-silu(gate) * up, and the greedy sampler's argmax + log-sum-exp of each row of logits.
+silu(gate) * up, and the greedy sampler's row reductions: argmax + log-sum-exp of each
+row of logits, and the second half of the bf16 greedy screen (models/greedy_head.py).
 
 Nothing here is from the paper; these are the small per-token ops of the model around
 the paged attention. At decode sizes (a few tens of KB per op), one pass in C costs less
@@ -88,3 +89,29 @@ def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
                                 idx.data_ptr(), lse.data_ptr()):
         return None
     return idx, lse
+
+
+def greedy_screen(lb: torch.Tensor, hb: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                  wn: torch.Tensor, dwn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tokens, candidates) per row, from the bf16 logits lb [rows, V] of hb = h.bfloat16()
+    [rows, K] against the bf16-rounded w [V, K] (wn, dwn [V]: the norms of w's rows and
+    of their bf16 rounding errors): each row's float32 argmax, found by rescoring the
+    tokens the error bound cannot rule out (see greedy_screen_f32 in cpu_layers.c).
+    None where the C op does not apply or a row holds a NaN or an infinity."""
+    lib = _layers()
+    rows, k = h.shape if h.dim() == 2 else (0, 0)
+    vocab = w.shape[0]
+    if (lib is None or h.dim() != 2 or lb.dtype != torch.bfloat16 or hb.dtype != torch.bfloat16
+            or any(t.dtype != torch.float32 for t in (h, w, wn, dwn))
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (hb, h, w, wn, dwn))
+            or lb.device.type != "cpu" or lb.dim() != 2 or lb.stride(1) != 1
+            or lb.shape != (rows, vocab) or hb.shape != h.shape or w.shape != (vocab, k)
+            or wn.shape != (vocab,) or dwn.shape != (vocab,) or vocab == 0):
+        return None
+    tokens = torch.empty(rows, dtype=torch.int64)
+    candidates = torch.empty(rows, dtype=torch.int64)
+    if rows and lib.greedy_screen_f32(lb.data_ptr(), lb.stride(0), hb.data_ptr(), h.data_ptr(),
+                                      rows, k, w.data_ptr(), wn.data_ptr(), dwn.data_ptr(),
+                                      vocab, tokens.data_ptr(), candidates.data_ptr()):
+        return None
+    return tokens, candidates

@@ -24,7 +24,8 @@ from minipaged.config import EngineConfig, SchedulerConfig
 from minipaged.core.block_manager import BlockManager
 from minipaged.beam_search import beam_search_step
 from minipaged.model_executor.executor import build_executor
-from minipaged.model_executor.model_runner import BatchItem
+from minipaged.logits_processing import argmax_suffices
+from minipaged.model_executor.model_runner import BatchItem, ModelOutput
 from minipaged.model_executor.tokenizer import detokenize_incrementally, initial_offsets
 from minipaged import prompt_logprobs
 from minipaged.outputs import RequestOutput
@@ -48,7 +49,7 @@ class Executor(Protocol):
 
     def execute(self, items: list[BatchItem], swap_in: list[tuple[int, int]],
                 swap_out: list[tuple[int, int]], copies: list[tuple[int, int]]
-                ) -> torch.Tensor: ...
+                ) -> ModelOutput: ...
 
 
 class LLMEngine:
@@ -69,9 +70,7 @@ class LLMEngine:
         self.sampler = Sampler(executor.eos_token_ids, seed=config.seed)
         self._next_seq_id = make_seq_id_counter()
         self._groups: dict[str, SequenceGroup] = {}
-        self._num_steps = 0
-        self._num_generated_tokens = 0
-        self._num_prompt_tokens = 0
+        self._num_steps = self._num_generated_tokens = self._num_prompt_tokens = 0
         self._num_finished = 0
 
     @classmethod
@@ -155,17 +154,21 @@ class LLMEngine:
             outputs[group.request_id] = RequestOutput.from_seq_group(group)
         if out.is_empty:
             return list(outputs.values())
-        logits = self.executor.execute(items := self._batch_items(out), out.blocks_to_swap_in,
+        result = self.executor.execute(items := self._batch_items(out), out.blocks_to_swap_in,
                                        out.blocks_to_swap_out, out.blocks_to_copy)
-        rows: list[ScheduledSeq] = []
-        for sch in out.scheduled:
+        rows, picked = [], []            # picked: greedy rows whose token the runner chose
+        for sch, it in zip(out.scheduled, items):
             sch.group.mark_scheduled(now)
             sch.seq.mark_computed(sch.num_new_tokens)
             if sch.needs_logits:
-                rows.append(sch)
+                (picked if it.argmax_only else rows).append(sch)
+        for sch, token in zip(picked, result.argmax_tokens):
+            sch.group.mark_token()
+            sch.seq.append_token(token, None)
+            self._after_token(sch.group, sch.seq)
         if rows:
-            self._sample(rows, logits[:len(rows)])
-        if logits.shape[0] > len(rows):          # the prompt logprobs some requests asked for
+            self._sample(rows, result.logits[:len(rows)])
+        if (logits := result.logits).shape[0] > len(rows):   # prompt logprobs some asked for
             prompt_logprobs.record([(s.group, it.start_pos, it.extra_logit_rows)
                                     for s, it in zip(out.scheduled, items)], logits[len(rows):])
 
@@ -190,11 +193,13 @@ class LLMEngine:
             seq, start, n = sch.seq, sch.seq.num_computed_tokens, sch.num_new_tokens
             table = self.block_manager.get_block_table(seq.seq_id)
             if n == 1 and start == seq.get_len() - 1:   # a decode: no need to copy the prefix
-                items.append(BatchItem([seq.last_token_id], start, table, sch.needs_logits))
-            else:                                       # (nor any prompt logprob to give)
-                items.append(BatchItem(seq.get_token_ids()[start:start + n], start, table,
-                                       sch.needs_logits,
-                                       prompt_logprobs.extra_rows(sch.group, start, n)))
+                tokens, extra = [seq.last_token_id], 0  # (nor any prompt logprob to give)
+            else:
+                tokens = seq.get_token_ids()[start:start + n]
+                extra = prompt_logprobs.extra_rows(sch.group, start, n)
+            only = sch.needs_logits and argmax_suffices(sch.group.sampling_params,
+                                                        seq.get_output_len())
+            items.append(BatchItem(tokens, start, table, sch.needs_logits, extra, only))
         return items
 
     def _sample(self, rows: list[ScheduledSeq], logits: torch.Tensor) -> None:
@@ -267,26 +272,21 @@ class LLMEngine:
         bm, sch = self.block_manager, self.scheduler
         queries = bm.prefix_cache_queries
         return {
-            "num_gpu_blocks": bm.num_blocks,
-            "num_free_blocks": bm.num_free_blocks,
+            "num_gpu_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
             "num_cpu_blocks": self.executor.num_cpu_blocks,
             "num_free_cpu_blocks": bm.num_free_host_blocks,
-            "block_size": self.config.block_size,
-            "kv_cache_usage": bm.usage,
-            "num_running": len(sch.running),
-            "num_waiting": len(sch.waiting),
+            "block_size": self.config.block_size, "kv_cache_usage": bm.usage,
+            "num_running": len(sch.running), "num_waiting": len(sch.waiting),
             "num_swapped": len(sch.swapped),
-            "num_steps": self._num_steps,
-            "num_finished_requests": self._num_finished,
+            "num_steps": self._num_steps, "num_finished_requests": self._num_finished,
             "num_prompt_tokens": self._num_prompt_tokens,
             "num_generated_tokens": self._num_generated_tokens,
-            "prefix_cache_queries": queries,
-            "prefix_cache_hits": bm.prefix_cache_hits,
+            "prefix_cache_queries": queries, "prefix_cache_hits": bm.prefix_cache_hits,
             "prefix_cache_hit_rate": bm.prefix_cache_hits / queries if queries else 0.0,
-            "num_preemptions": sch.num_preemptions,
+            "num_preemptions": sch.num_preemptions,                 # of which by each mode:
             "num_recompute_preemptions": sch.num_recompute_preemptions,
             "num_swap_preemptions": sch.num_swap_preemptions,
-            "num_swapped_out_blocks": bm.num_swapped_out_blocks,
+            "num_swapped_out_blocks": bm.num_swapped_out_blocks,   # swaps, blocks each way
             "num_swapped_in_blocks": bm.num_swapped_in_blocks,
             "num_cow_copies": bm.num_cow_copies,
         }

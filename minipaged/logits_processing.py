@@ -56,10 +56,21 @@ def process_logits(
     return x
 
 
+def argmax_suffices(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a row's token is the plain argmax of its raw logits and nothing else of them
+    is wanted: greedy, one sample, no processing, no logprobs. The model runner then
+    returns the token itself (BatchItem.argmax_only), without the full logits."""
+    return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
+            and params.best_of == 1 and not _params_need_processing(params, num_output_tokens))
+
+
 def _needs_processing(r: "SamplingRow") -> bool:
-    p = r.params
+    return _params_need_processing(r.params, len(r.output_token_ids))
+
+
+def _params_need_processing(p: SamplingParams, num_output_tokens: int) -> bool:
     return (
-        len(r.output_token_ids) < p.min_tokens
+        num_output_tokens < p.min_tokens
         or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
         or (p.sampling_type in RANDOM_TYPES and p.temperature != 1.0)
         or p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0

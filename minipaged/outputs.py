@@ -57,8 +57,10 @@ class CompletionOutput:
     """One generated sequence of a request.
 
     index: position of the sequence in its group; text: the detokenized output (stop
-    string trimmed); cumulative_logprob: sum of the chosen tokens' logprobs; logprobs:
-    per token a dict token_id -> logprob (None unless SamplingParams.logprobs was set);
+    string trimmed); cumulative_logprob: sum of the chosen tokens' logprobs (None for a
+    greedy request that set no SamplingParams.logprobs: its logprobs are never computed,
+    as in vLLM V1); logprobs: per token a dict token_id -> logprob (None unless
+    SamplingParams.logprobs was set);
     finish_reason: "stop", "length", "abort" or None while running; stop_reason: the stop
     string or stop token id that ended it (None for EOS or length).
     """
@@ -117,12 +119,14 @@ class RequestOutput:
                 def key(s):  # noqa: E306
                     return s.cumulative_logprob
             top = sorted(seqs, key=key, reverse=True)[: params.n]
+        # whether or not the runner skipped its logits (BatchItem.argmax_only) this time
+        unreported = params.is_greedy and params.logprobs is None
         outputs = [
             CompletionOutput(
                 index=seqs.index(seq),
                 text=seq.output_text,
                 token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob,
+                cumulative_logprob=None if unreported else seq.cumulative_logprob,
                 logprobs=(None if seq.output_logprobs is None
                           else [dict(d) for d in seq.output_logprobs]),
                 finish_reason=seq.finish_reason,

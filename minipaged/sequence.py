@@ -71,7 +71,9 @@ class Sequence:
         self.output_token_ids: list[int] = []
         #: per output token, {token_id: logprob} (chosen + top-k); None when not requested
         self.output_logprobs: Union[list[dict[int, float]], None] = [] if return_logprobs else None
-        self.cumulative_logprob = 0.0
+        #: the sum of the output tokens' logprobs; None once a token came without one
+        #: (a greedy row whose logits were never formed: BatchItem.argmax_only)
+        self.cumulative_logprob: Union[float, None] = 0.0
         self.status = SequenceStatus.WAITING
         #: detokenized output, maintained by the engine (stop strings are trimmed off it)
         self.output_text = ""
@@ -115,12 +117,20 @@ class Sequence:
 
     # -- growth -----------------------------------------------------------------------
 
-    def append_token(self, token_id: int, logprobs: dict[int, float]) -> None:
-        """Append a sampled token; `logprobs` must contain it (its logprob is summed)."""
+    def append_token(self, token_id: int, logprobs: Union[dict[int, float], None]) -> None:
+        """Append a sampled token; `logprobs` must contain it (its logprob is summed), or
+        be None for a token chosen without its logprob (then cumulative_logprob is None)."""
+        if logprobs is None:
+            if self.output_logprobs is not None:
+                raise ValueError("logprobs is None, but this sequence reports logprobs.")
+            self.output_token_ids.append(int(token_id))
+            self.cumulative_logprob = None
+            return
         if token_id not in logprobs:
             raise ValueError(f"logprobs must contain the appended token_id {token_id}.")
         self.output_token_ids.append(int(token_id))
-        self.cumulative_logprob += float(logprobs[token_id])
+        if self.cumulative_logprob is not None:
+            self.cumulative_logprob += float(logprobs[token_id])
         if self.output_logprobs is not None:
             self.output_logprobs.append(dict(logprobs))
 

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -379,6 +380,33 @@ def q4_1_matrices(draw, max_panels: int = 3, max_blocks: int = 4) -> np.ndarray:
     w[rng.random((n, k)) < 0.05] = 0.0
     kind = gguf.GGMLQuantizationType.Q4_1
     return gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind).reshape(n, k)
+
+
+# The greedy screen (models/greedy_head.py): hidden rows against an LM head, at sizes
+# that are and are not multiples of the C code's 16 lanes, and weights at several
+# scales. `near` copies of the best row of the first hidden state, scaled by 1 + j 2^-12,
+# make logits that bf16 (8 bits) cannot tell apart but float32 (24 bits) can.
+@dataclass
+class ScreenCase:
+    hidden: torch.Tensor      # [rows, k] float32
+    weight: torch.Tensor      # [vocab, k] float32
+
+
+@st.composite
+def screen_cases(draw, max_rows: int = 5) -> ScreenCase:
+    rows, k = draw(st.integers(1, max_rows)), draw(st.sampled_from([8, 16, 40, 64]))
+    vocab = draw(st.sampled_from([1, 15, 16, 33, 100]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 30.0]))
+    hidden = torch.randn(rows, k, generator=g) * scale
+    weight = torch.randn(vocab, k, generator=g) * draw(st.sampled_from([0.02, 1.0]))
+    near = draw(st.integers(0, min(4, vocab - 1)))
+    if near:
+        best = int((hidden[0] @ weight.T).argmax())
+        for j in range(near):
+            victim = (best + 1 + j) % vocab
+            weight[victim] = weight[best] * (1 + (j + 1) * 2.0**-12)
+    return ScreenCase(hidden, weight)
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def test_throughput_measures_every_engine_on_every_workload(throughput_out):
     engines = {r["engine"] for r in rows}
     assert engines == {"minipaged", "minipaged, float32 weight reads",
                        "minipaged, decode steps in Python",
+                       "minipaged, float32 LM head for greedy rows",
                        "transformers static, batch 1", "transformers static, batch 4",
                        "transformers continuous batching"}
     assert {r["workload"] for r in rows} == {"sharegpt", "alpaca"}

@@ -21,7 +21,7 @@ import torch
 from minipaged.attention import get_attn_backend
 from minipaged.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, available_memory
 from minipaged.model_executor.cache_engine import CacheEngine, kv_bytes_per_block
-from minipaged.model_executor.model_runner import BatchItem, ModelRunner
+from minipaged.model_executor.model_runner import BatchItem, ModelOutput, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,18 @@ class ModelExecutor:
                     self.num_gpu_blocks, self.num_cpu_blocks, config.block_size, per_block)
 
     def execute(self, items: list[BatchItem], swap_in: list[tuple[int, int]],
-                swap_out: list[tuple[int, int]], copies: list[tuple[int, int]]) -> torch.Tensor:
+                swap_out: list[tuple[int, int]], copies: list[tuple[int, int]]) -> ModelOutput:
         self.cache_engine.swap_out(swap_out)
         self.cache_engine.swap_in(swap_in)
         self.cache_engine.copy(copies)
         if not items:
-            return torch.empty((0, 0))
+            return ModelOutput(torch.empty((0, 0)), [])
         return self.runner.execute(items, self.cache_engine.gpu_cache)
 
 
 class StubExecutor:
     """No model: a row's logits favour token (its token + 1) % vocab, so greedy output is
-    predictable.
+    predictable (and that token is what an argmax_only row gets).
 
     Used for scheduler-level simulations and engine tests of pure bookkeeping.
     """
@@ -105,16 +105,19 @@ class StubExecutor:
         self.num_swapped_in = self.num_swapped_out = self.num_copied = 0
 
     def execute(self, items: list[BatchItem], swap_in: list[tuple[int, int]],
-                swap_out: list[tuple[int, int]], copies: list[tuple[int, int]]) -> torch.Tensor:
+                swap_out: list[tuple[int, int]], copies: list[tuple[int, int]]) -> ModelOutput:
         self.num_swapped_in += len(swap_in)
         self.num_swapped_out += len(swap_out)
         self.num_copied += len(copies)
-        rows = [it.token_ids[-1] for it in items if it.needs_logits]
+        sampled = [it for it in items if it.needs_logits]
+        # an argmax_only row's token is its logits' argmax: the one 5.0
+        tokens = [(it.token_ids[-1] + 1) % self.vocab_size for it in sampled if it.argmax_only]
+        rows = [it.token_ids[-1] for it in sampled if not it.argmax_only]
         rows += [t for it in items for t in it.token_ids[:it.extra_logit_rows]]
         logits = torch.zeros((len(rows), self.vocab_size))
         if rows:
             logits[torch.arange(len(rows)), (torch.tensor(rows) + 1) % self.vocab_size] = 5.0
-        return logits
+        return ModelOutput(logits, tokens)
 
 
 def build_executor(config: EngineConfig) -> ModelExecutor:

@@ -15,6 +15,7 @@ and the NumPy reference use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ class BatchItem:
     block_table: the sequence's physical blocks, covering start_pos + len(token_ids) slots;
     needs_logits: sample after this step (False for a non-final prefill chunk).
     extra_logit_rows: the logits of this many of its first rows are wanted too (a
-    request's prompt logprobs: row i's logits predict token i + 1).
+    request's prompt logprobs: row i's logits predict token i + 1);
+    argmax_only: its sampled row needs only the argmax token of its logits (a greedy row
+    that reports no logprobs): the runner answers with that token, not a row of logits.
     """
 
     token_ids: list[int]
@@ -39,13 +42,23 @@ class BatchItem:
     block_table: list[int]
     needs_logits: bool = True
     extra_logit_rows: int = 0
+    argmax_only: bool = False
+
+
+class ModelOutput(NamedTuple):
+    """What a step's forward pass gives back. logits [rows, V] float32: one row per item
+    that samples and is not argmax_only, then each item's extra rows, in item order;
+    argmax_tokens: the token of each argmax_only item that samples, in item order."""
+
+    logits: torch.Tensor
+    argmax_tokens: list[int]
 
 
 def build_metadata(items: list[BatchItem], block_size: int, device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
     """(input_ids, positions, metadata, logits_indices) for a list of batch items:
-    logits_indices, the rows whose logits are wanted (see BatchItem), in the order the
-    logits come back.
+    logits_indices, the rows the model must return: the sampled rows of argmax_only
+    items, then the other sampled rows, then the extra rows (see BatchItem).
 
     Items with one new token must come first (decodes, then prefills): the attention
     backend runs the decode kernel on that leading run and the prefill kernel on the rest.
@@ -76,9 +89,12 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
         num_decode_seqs += 1
     # A one-token item after a prefill is still correct (the prefill kernel handles it);
     # only the leading run goes to the decode kernel.
-    # The sampled rows (one per item that samples), then the extra rows, item by item.
-    logits_indices = np.array([query_start_loc[i + 1] - 1 for i, it in enumerate(items)
-                               if it.needs_logits]
+    # The sampled rows (one per item that samples; argmax_only items first), then the
+    # extra rows, item by item.
+    sampled = [i for i, it in enumerate(items) if it.needs_logits]
+    logits_indices = np.array([query_start_loc[i + 1] - 1 for i in sampled if items[i].argmax_only]
+                              + [query_start_loc[i + 1] - 1 for i in sampled
+                                 if not items[i].argmax_only]
                               + [query_start_loc[i] + j for i, it in enumerate(items)
                                  for j in range(it.extra_logit_rows)], dtype=np.int64)
 
@@ -99,8 +115,8 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
 
 
 class ModelRunner:
-    """Runs the model on a step's batch; returns fp32 logits for the rows to sample (and
-    the extra rows some items ask for, after them)."""
+    """Runs the model on a step's batch: the argmax token of each argmax_only row, fp32
+    logits for the other rows to sample (and the extra rows some items ask for)."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, backend: AttentionBackend,
                  device: torch.device | str = "cpu") -> None:
@@ -111,19 +127,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, items: list[BatchItem],
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward the batch through the paged cache; logits [len(logits_indices), V]: one
-        row per item that samples, then each item's extra rows (build_metadata)."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> ModelOutput:
+        """Forward the batch through the paged cache (see ModelOutput)."""
         input_ids, positions, meta, logits_indices = build_metadata(items, self.block_size,
                                                                     self.device)
+        num_argmax = sum(1 for it in items if it.needs_logits and it.argmax_only)
         order = None
-        if any(it.extra_logit_rows for it in items):   # the model takes its rows sorted
+        if num_argmax or any(it.extra_logit_rows for it in items):
+            # the model takes its rows sorted; put them back in build_metadata's order
             logits_indices, order = logits_indices.sort()
         # only the wanted rows come back: the last layer computes nothing else
         hidden = self.model(input_ids, positions, kv_caches, meta, self.backend,
                             output_rows=logits_indices)
         if order is not None:
             hidden = hidden[order.argsort()]
-        if logits_indices.numel() == 0:
-            return torch.empty((0, 0), dtype=torch.float32)
-        return self.model.compute_logits(hidden).float()
+        tokens: list[int] = []
+        if num_argmax:
+            greedy = getattr(self.model, "greedy_tokens", None)
+            h = hidden[:num_argmax]
+            found = greedy(h) if greedy is not None else self.model.compute_logits(h).argmax(-1)
+            tokens = found.tolist()
+        if logits_indices.numel() == num_argmax:
+            return ModelOutput(torch.empty((0, 0), dtype=torch.float32), tokens)
+        return ModelOutput(self.model.compute_logits(hidden[num_argmax:]).float(), tokens)

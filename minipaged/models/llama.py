@@ -24,6 +24,7 @@ from minipaged.attention.base import AttentionBackend, AttentionMetadata
 from minipaged.kernels import cpu_layers
 from minipaged.models.config import ModelConfig
 from minipaged.models.fused_decode import FusedDecode
+from minipaged.models.greedy_head import greedy_tokens
 from minipaged.models.layers import (
     Linear,
     RMSNorm,
@@ -175,6 +176,13 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             return self.lm_head(hidden).float()
         return packed_linear(self.embed_tokens, hidden, self.embed_tokens.weight).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The argmax token of each row's float32 logits (greedy_head.py's screen where it
+        applies: it never forms the whole float32 logits)."""
+        head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        found = greedy_tokens(head, hidden, head.weight)
+        return self.compute_logits(hidden).argmax(dim=-1) if found is None else found
 
     # -------------------------------------------------------------------- weights
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from minipaged.attention.base import AttentionBackend, AttentionMetadata
 from minipaged.models.config import ModelConfig
+from minipaged.models.greedy_head import greedy_tokens
 from minipaged.models.layers import (
     LayerNorm,
     Linear,
@@ -134,6 +135,13 @@ class OPTForCausalLM(nn.Module):
         """fp32 logits [T, vocab] of final hidden states."""
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(hidden, head).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The argmax token of each row's float32 logits (through greedy_head.py's screen
+        where it applies)."""
+        head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        found = greedy_tokens(head, hidden, head.weight)
+        return self.compute_logits(hidden).argmax(dim=-1) if found is None else found
 
     # -------------------------------------------------------------------- weights
 

@@ -4,7 +4,8 @@ the block manager run on the CPU every iteration, outside the model).
 N sequences (16 ... 1024) are admitted at once and decode for a long time over a stub
 model (`StubExecutor`: no attention, logits that favour the last token + 1), so each step
 is all bookkeeping: `Scheduler.schedule()` (which asks the `BlockManager` for every
-sequence's next slot), the sampler, and the engine's processing of the new tokens. The
+sequence's next slot), the sampler (not called for these plain greedy rows: their token
+comes with the forward), and the engine's processing of the new tokens. The
 CPU time of each part is taken with `time.process_time` around the engine's own objects,
 over many steady-state steps, and divided by (steps x N). The paged design promises O(1)
 work per sequence per step, so the curve against N must stay flat. A second sweep keeps
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         f"every point: N sequences admitted together, then pure decode steps (greedy, "
         f"block size {BLOCK_SIZE}, vocabulary {VOCAB}, torch on 1 thread); first table "
         f"part: context {CONTEXT} tokens at the start, second: N = {sweep_n}, longer contexts",
+        "sampler: 0 since 2026-12-06 (session 13): a plain greedy row's token comes back "
+        "with the forward (BatchItem.argmax_only), and the sampler is not called",
         "other processes (cores): CPU the rest of the machine used during the timed steps "
         "(from /proc/stat); timings taken while it is well above 0 are inflated",
     ]

@@ -4,9 +4,9 @@
     step:
       Scheduler.schedule()     which groups run, with how many tokens; blocks to move
       Executor.execute()       swap / copy blocks, model forward through the paged cache
-      Sampler                  next tokens; forks children (parallel sampling, beams)
-      _process                 append tokens, stop checks, free finished sequences,
-                               RequestOutputs
+      Sampler                  next tokens (a plain greedy row's comes with the forward);
+                               forks children (parallel sampling, beams)
+      _process                 append tokens, stop checks, free the finished, outputs
 
 Invariant: every block a request ever held is back in the block manager when the
 request finishes, is aborted or is rejected — `stats()["num_free_blocks"]` returns to
@@ -156,7 +156,7 @@ class LLMEngine:
             return list(outputs.values())
         result = self.executor.execute(items := self._batch_items(out), out.blocks_to_swap_in,
                                        out.blocks_to_swap_out, out.blocks_to_copy)
-        rows, picked = [], []            # picked: greedy rows whose token the runner chose
+        rows, picked = [], []   # picked: greedy rows whose token came with the forward
         for sch, it in zip(out.scheduled, items):
             sch.group.mark_scheduled(now)
             sch.seq.mark_computed(sch.num_new_tokens)

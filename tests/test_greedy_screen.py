@@ -136,6 +136,13 @@ def test_the_switch_turns_the_screen_off(monkeypatch):
     assert greedy_head.greedy_tokens(Head(weight), hidden, weight) is None
 
 
+def test_a_bad_switch_value_is_a_value_error_naming_it(monkeypatch):
+    hidden, weight = rows_bf16_misorders()
+    monkeypatch.setenv(greedy_head.SWITCH, "sometimes")
+    with pytest.raises(ValueError, match=greedy_head.SWITCH):
+        greedy_head.greedy_tokens(Head(weight), hidden, weight)
+
+
 @pytest.mark.parametrize("params, outputs, suffices", [
     (SamplingParams(temperature=0), 0, True),
     (SamplingParams(temperature=0, logprobs=0), 0, False),       # its logprob is reported

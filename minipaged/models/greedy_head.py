@@ -21,7 +21,8 @@ rescored in float32 (kernels/cpu_layers.c, greedy_screen_f32).
 
 Used only where it pays: float32 weights and hidden states on the CPU, the C op built,
 and the bf16 product measured at most 0.75x the float32 one on this machine (decided
-once per process; MINIPAGED_GREEDY_SCREEN=0 turns it off, =1 forces it on).
+once per process; MINIPAGED_GREEDY_SCREEN=0 turns it off, =1 forces it on, =auto or
+unset decides by timing).
 
 Invariant: the token is the first largest of the float32 logits that the C op's own
 dot product gives for every token (the screen only skips tokens that cannot win);
@@ -89,6 +90,8 @@ def enabled() -> bool:
         return False
     if raw in ("1", "true", "yes", "on"):
         return cpu_layers._layers() is not None
+    if raw not in ("", "auto"):
+        raise ValueError(f"{SWITCH}: {raw!r} is not one of 0, 1, auto (or unset)")
     if "auto" not in _decided:
         with torch.inference_mode():
             _decided["auto"] = cpu_layers._layers() is not None and _measured_pays()

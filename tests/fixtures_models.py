@@ -107,6 +107,25 @@ def paged_greedy(model, backend, config, prompts: list[list[int]], max_new_token
     return outputs
 
 
+# ----------------------------------------------------------------------- tiny LLaMA
+
+def save_tiny_llama(path, vocab_size: int, tie_word_embeddings: bool = False):
+    """A random 2-layer LLaMA (hidden 64, GQA 4:2, seed 0) saved with save_pretrained to
+    `path`, so the HF directory loader runs for real; returns transformers' model, the
+    reference. initializer_range 0.2 peaks the logits: greedy tests meet no near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, rms_norm_eps=1e-5,
+                         tie_word_embeddings=tie_word_embeddings, bos_token_id=None,
+                         eos_token_id=None, initializer_range=0.2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
 # ----------------------------------------------------------------------------- SmolLM2
 
 @pytest.fixture(scope="session")

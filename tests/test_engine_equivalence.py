@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipaged import LLM, SamplingParams
+from tests.fixtures_models import save_tiny_llama
 from tests.strategies import engine_workloads
 
 VOCAB = 96
@@ -29,18 +30,8 @@ TIE = 1e-4          # logit gap below which fp32 rounding may decide the argmax
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                         initializer_range=0.2)
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path, safe_serialization=True)
-    return path, model
+    return path, save_tiny_llama(path, vocab_size=VOCAB)
 
 
 class Reference:

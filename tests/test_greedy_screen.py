@@ -18,6 +18,7 @@ from minipaged.kernels import cpu_layers
 from minipaged.logits_processing import argmax_suffices
 from minipaged.models import greedy_head
 from minipaged.sequence import Sequence
+from tests.fixtures_models import save_tiny_llama
 from tests.strategies import screen_cases
 
 needs_c = pytest.mark.skipif(cpu_layers._layers() is None, reason="no C compiler here")
@@ -174,15 +175,8 @@ def test_a_sequence_reporting_logprobs_refuses_a_token_without_one():
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=None, initializer_range=0.2)
     path = tmp_path_factory.mktemp("tiny_llama_screen")
-    LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
+    save_tiny_llama(path, vocab_size=200, tie_word_embeddings=True)   # the head is tied
     return path
 
 

@@ -15,6 +15,7 @@ import torch
 
 from minipaged import LLM, SamplingParams
 from minipaged.sampling import SamplingParams as Params
+from tests.fixtures_models import save_tiny_llama
 from tests.test_engine_bookkeeping import VOCAB, greedy, make_engine, run_to_end
 
 LSE = math.log(math.exp(5.0) + VOCAB - 1)
@@ -127,16 +128,8 @@ def test_prompt_logprobs_must_be_a_non_negative_integer(bad):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, initializer_range=0.2)
-    model = LlamaForCausalLM(config).eval()       # peaked logits: no near-ties in a top 3
     path = tmp_path_factory.mktemp("tiny_llama_plp")
-    model.save_pretrained(path, safe_serialization=True)
+    model = save_tiny_llama(path, vocab_size=96)  # peaked logits: no near-ties in a top 3
     return path, model
 
 

@@ -8,7 +8,7 @@ same budget (`common.KV_BUDGET_TOKENS`), same 512-sequence cap, for every system
 - paged: the REAL engine — `LLMEngine` with its scheduler (continuous batching, chunked
   prefill, preemption by recomputation, 1 % watermark) and `BlockManager` (block size
   16) — over a stub model whose outputs have exactly the trace's lengths;
-- Orca (Max / Pow2 / Oracle): `ContiguousAllocator` in `minipaged.core.trace.replay`,
+- Orca (Max / Pow2 / Oracle): `ContiguousAllocator` in `minipaged.core.replay.replay`,
   the same FCFS iteration-level loop with the same admission rule (admit the head of
   the queue while its reservation fits, in arrival order);
 - "paged (replay)": the block manager in that same replay loop, as a cross-check that
@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from minipaged.core.trace import contiguous_factory, paged_factory, replay
+from minipaged.core.replay import contiguous_factory, paged_factory, replay
 
 from .common import (BUDGET_NOTE, KV_BUDGET_TOKENS, MAX_LEN, STEP_SECONDS, TRACE_NOTE,
                      TimedRequest, add_common_args, command_line, format_table, greedy,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         + f" (2x what paged memory serves; one step = {STEP_SECONDS} s)",
         f"paged (engine): LLMEngine + scheduler + BlockManager, block size {BLOCK_SIZE}, "
         f"max_num_seqs {MAX_NUM_SEQS}, watermark 1 %, recompute preemption, stub model with "
-        "the trace's output lengths; the others: minipaged.core.trace.replay with the same cap",
+        "the trace's output lengths; the others: minipaged.core.replay.replay with the same cap",
         "mean batch: sequences run per step, averaged over the steps with a request waiting",
         "what paging alone gains over Orca (Oracle) on these traces (its reservation of "
         "prompt + output for a request's whole life, against the blocks paging holds as the "

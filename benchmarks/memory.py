@@ -6,7 +6,7 @@ state for Orca (Max / Pow2 / Oracle) against 96.3 % for vLLM. Here the same spli
 measured, not estimated: Alpaca- and ShareGPT-shaped traces (see `common.TRACE_NOTE`)
 with Poisson arrivals at twice the rate paged memory can serve are replayed through the
 REAL allocators (`ContiguousAllocator` for the Orca baselines, `BlockManager` for paged,
-block sizes 8, 16, 32) by `minipaged.core.trace.replay`: requests arrive, are admitted
+block sizes 8, 16, 32) by `minipaged.core.replay.replay`: requests arrive, are admitted
 FCFS, grow a token per step and free their memory when done, so holes, and the external
 fragmentation they cause, happen for real. Every step's memory is counted by
 `minipaged.core.report` and the shares are averaged over the steps.
@@ -36,7 +36,7 @@ import numpy as np
 
 from minipaged.core.contiguous import ContiguousAllocator
 from minipaged.core.report import live_seq_ids
-from minipaged.core.trace import contiguous_factory, paged_factory, replay
+from minipaged.core.replay import contiguous_factory, paged_factory, replay
 
 from .common import (BUDGET_NOTE, KV_BUDGET_TOKENS, MAX_LEN, STEP_SECONDS, TRACE_NOTE,
                      add_common_args, command_line, format_table, last_block_bound,

@@ -2,8 +2,9 @@
 
 - `reference`: pure-NumPy executable definitions (read these first);
 - `cache_ops`, `paged_attention`: Triton kernels with the same signatures;
-- `cpu_kernel`: builds and calls the C kernels for the CPU (`cpu_paged_attention.c`,
-  `cpu_paged_prefill.c`); `cpu_layers`: the C layer ops (`cpu_layers.c`).
+- `cpu_build`: compiles and loads the C kernels for the CPU; `cpu_kernel`: calls the C
+  PagedAttention kernels (`cpu_paged_attention.c`, `cpu_paged_prefill.c`);
+  `cpu_layers`: the C layer ops (`cpu_layers.c`); `cpu_4bit`: the 4-bit-weight product.
 
 Layout everywhere: key_cache / value_cache are [num_blocks, block_size, num_kv_heads,
 head_dim]; the slot of token t of a sequence is block_table[t // B] * B + t % B.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from minipaged.kernels.cpu_kernel import load
+from minipaged.kernels.cpu_build import load
 
 PANEL, QBLOCK, BLOCK_BYTES = 32, 32, 768     # as in cpu_4bit_linear.c
 

@@ -1,4 +1,4 @@
-"""Call the C layer ops for the CPU (kernels/cpu_layers.c, built by `cpu_kernel.load`):
+"""Call the C layer ops for the CPU (kernels/cpu_layers.c, built by `cpu_build.load`):
 RMSNorm with the residual add fused, the rotary embedding in place, the MLP's
 silu(gate) * up, and the greedy sampler's row reductions: argmax + log-sum-exp of each
 row of logits, and the second half of the bf16 greedy screen (models/greedy_head.py).
@@ -19,7 +19,7 @@ import ctypes
 
 import torch
 
-from minipaged.kernels.cpu_kernel import load
+from minipaged.kernels.cpu_build import load
 
 
 def _layers() -> ctypes.CDLL | None:

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from minipaged.core.block_manager import AllocStatus, BlockManager
-from minipaged.core.report import LEGEND, render_memory_map, report
-from minipaged.core.trace import Request, contiguous_factory, paged_factory, replay
+from minipaged.core.memory_map import LEGEND, render_memory_map
+from minipaged.core.report import report
+from minipaged.core.replay import contiguous_factory, paged_factory, replay
+from minipaged.core.trace import Request
 
 
 @dataclass

@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipaged.attention.torch_backend import TorchBackend
-from minipaged.kernels import cpu_kernel, cpu_layers
+from minipaged.kernels import cpu_build, cpu_kernel, cpu_layers
 from minipaged.kernels import reference as ref
 from tests.strategies import paged_attention_cases, paged_decode_cases
 
 ATOL = 1e-5
 
-needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None,
+needs_kernel = pytest.mark.skipif(cpu_build.load() is None,
                                   reason="no C compiler here: the torch path is tested alone")
 
 
@@ -64,7 +64,7 @@ def _prefill_inputs(case):
             torch.from_numpy(case.context_lens), torch.from_numpy(case.query_start_loc))
 
 
-needs_prefill = pytest.mark.skipif(cpu_kernel.load("cpu_paged_prefill") is None,
+needs_prefill = pytest.mark.skipif(cpu_build.load("cpu_paged_prefill") is None,
                                    reason="no C compiler here: the torch path is tested alone")
 
 
@@ -138,8 +138,8 @@ def test_the_kernel_only_claims_float32_contiguous_caches_with_a_head_dim_of_eig
 
 
 def test_switching_the_kernel_off_by_environment_leaves_the_gather_path(monkeypatch):
-    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
-    assert cpu_kernel.load() is None
+    monkeypatch.setenv(cpu_build.ENV_SWITCH, "0")
+    assert cpu_build.load() is None
     q, kc, vc = torch.randn(1, 2, 8), torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8)
     out = TorchBackend().paged_attention_decode(q, kc, vc, torch.tensor([[1]]),
                                                 torch.tensor([3]), 0.5)
@@ -150,9 +150,9 @@ def test_switching_the_kernel_off_by_environment_leaves_the_gather_path(monkeypa
 
 @needs_kernel
 def test_the_build_is_cached_by_source_flags_and_compiler():
-    compiler = cpu_kernel._compiler()
-    first = cpu_kernel.build(compiler)
-    assert cpu_kernel.build(compiler) == first and first.exists()
+    compiler = cpu_build._compiler()
+    first = cpu_build.build(compiler)
+    assert cpu_build.build(compiler) == first and first.exists()
 
 
 @needs_kernel
@@ -171,7 +171,7 @@ def test_bad_calls_are_refused_before_any_pointer_is_passed():
 
 # --- the layer ops (kernels/cpu_layers.c) ----------------------------------------------
 
-needs_layers = pytest.mark.skipif(cpu_kernel.load("cpu_layers") is None,
+needs_layers = pytest.mark.skipif(cpu_build.load("cpu_layers") is None,
                                   reason="no C compiler here: the torch path is tested alone")
 
 
@@ -219,11 +219,11 @@ def test_c_rotary_is_bit_identical_to_the_torch_rotation():
     qk_c, qk_torch = qkv.clone(), qkv.clone()
     cos, sin = rope.table(positions)
     assert cpu_layers.rotary_(qk_c[:, :96].view(9, 6, 16), cos.squeeze(1), sin.squeeze(1))
-    cpu_kernel._libs["cpu_layers"], saved = None, cpu_kernel._libs["cpu_layers"]
+    cpu_build._libs["cpu_layers"], saved = None, cpu_build._libs["cpu_layers"]
     try:
         rope((cos, sin), qk_torch[:, :96].view(9, 6, 16))      # the torch path
     finally:
-        cpu_kernel._libs["cpu_layers"] = saved
+        cpu_build._libs["cpu_layers"] = saved
     assert torch.equal(qk_c, qk_torch)                 # same roundings, v untouched
 
 

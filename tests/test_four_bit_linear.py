@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 
 from minipaged.kernels import cpu_4bit
-from minipaged.kernels.cpu_kernel import load
+from minipaged.kernels.cpu_build import load
 from minipaged.kernels.reference import unpack_4bit
 from minipaged.models import packed_linear as packed_linear_module
 from minipaged.models.layers import Linear

@@ -12,7 +12,7 @@ import torch
 
 from minipaged.attention.torch_backend import TorchBackend
 from minipaged.kernels import cpu_4bit
-from minipaged.kernels.cpu_kernel import load
+from minipaged.kernels.cpu_build import load
 from minipaged.models.config import ModelConfig
 from minipaged.models.fused_decode import SWITCH
 from minipaged.models.llama import LlamaForCausalLM

@@ -8,13 +8,8 @@ from hypothesis import strategies as st
 
 from minipaged.core.block_manager import BlockManager
 from minipaged.core.contiguous import OrcaMax, OrcaOracle, OrcaPow2
-from minipaged.core.report import (
-    MemoryReport,
-    paged_block_chars,
-    paged_block_fill,
-    render_memory_map,
-    report,
-)
+from minipaged.core.memory_map import paged_block_chars, render_memory_map
+from minipaged.core.report import MemoryReport, paged_block_fill, report
 from tests.strategies import block_sizes, contiguous_report_ops, paged_report_ops
 
 

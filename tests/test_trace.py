@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from minipaged.core.block_manager import BlockManager
-from minipaged.core.trace import (
-    TRACE_SHAPES,
-    Request,
-    capped_lognormal_mean,
-    contiguous_factory,
-    fit_mu,
-    make_trace,
-    paged_factory,
-    replay,
-)
+from minipaged.core.replay import contiguous_factory, paged_factory, replay
+from minipaged.core.trace import TRACE_SHAPES, Request, capped_lognormal_mean, fit_mu, make_trace
 
 
 def lengths(trace):

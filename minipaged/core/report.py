@@ -3,7 +3,7 @@
 Paper section 2.3 / Fig. 2 splits the KV cache memory of a serving system into token
 states and three kinds of waste; Fig. 3 draws them. `report` counts them, in token
 slots, for a `ContiguousAllocator` (the Orca baselines) or a `BlockManager` (paged) at
-any moment, and `render_memory_map` draws the picture.
+any moment (`minipaged.core.memory_map` draws the picture).
 
 The categories (every slot of the device memory is in exactly one of the first four):
 
@@ -49,13 +49,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from minipaged.core.contiguous import ContiguousAllocator
-
-# Characters of the memory map (Fig. 3 read as text).
-TOKEN, SHARED, RESERVED, INTERNAL, FREE, EXTERNAL = "#", "=", "+", "-", ".", "x"
-LEGEND = (
-    f"{TOKEN} token state  {SHARED} shared token state  {RESERVED} reserved  "
-    f"{INTERNAL} internal frag.  {EXTERNAL} external frag.  {FREE} free"
-)
 
 
 @dataclass(frozen=True)
@@ -229,79 +222,3 @@ def _paged_report(manager: Any, seq_ids: Iterable[Hashable] | None) -> MemoryRep
         free=(manager.num_blocks - held) * bs,
         num_seqs=len(seqs),
     )
-
-
-# ---- the picture ---------------------------------------------------------------------
-
-
-def contiguous_slot_chars(alloc: ContiguousAllocator,
-                          next_reservation: int | None = None) -> str:
-    """One character per slot of the arena, in address order."""
-    chars = [FREE] * alloc.capacity
-    threshold = unusable_hole_threshold(alloc, next_reservation)
-    for start, size in alloc.holes():
-        if size < threshold:
-            chars[start:start + size] = EXTERNAL * size
-    for r in alloc.regions().values():
-        chars[r.start:r.end] = (TOKEN * r.length + RESERVED * (r.final_len - r.length)
-                                + INTERNAL * (r.size - r.final_len))
-    return "".join(chars)
-
-
-def paged_block_chars(manager: Any) -> list[str]:
-    """One string of ``block_size`` characters per physical block, in block-id order."""
-    bs = manager.block_size
-    fill, sharers = paged_block_fill(manager)
-    out = []
-    for block in range(manager.num_blocks):
-        if block not in fill:
-            out.append(FREE * bs)
-        else:
-            tok = SHARED if sharers[block] > 1 else TOKEN
-            out.append(tok * fill[block] + INTERNAL * (bs - fill[block]))
-    return out
-
-
-def _majority(chunk: str) -> str:
-    counts = Counter(chunk)
-    return max(counts, key=lambda c: (counts[c], c != FREE))
-
-
-def render_memory_map(allocator: Any, width: int = 64, next_reservation: int | None = None,
-                      max_rows: int = 32, legend: bool = True) -> str:
-    """The memory as text, like the paper's Fig. 3: one row of characters per ``width``.
-
-    Contiguous: one character per slot. Paged: one character per slot with ``|`` between
-    blocks (whole blocks per row). When that would take more than ``max_rows`` rows,
-    each character stands for several slots (contiguous) or one whole block (paged), and
-    shows the most common category among them.
-    """
-    if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
-    if isinstance(allocator, ContiguousAllocator):
-        slots = contiguous_slot_chars(allocator, next_reservation)
-        scale = max(1, -(-len(slots) // (width * max_rows)))
-        cells = [_majority(slots[i:i + scale]) for i in range(0, len(slots), scale)]
-        rows = ["".join(cells[i:i + width]) for i in range(0, len(cells), width)]
-        unit = "slot" if scale == 1 else f"{scale} slots"
-        head = (f"contiguous arena ({allocator.policy}), {allocator.capacity} slots, "
-                f"1 char = {unit}")
-    elif hasattr(allocator, "get_block_table"):
-        blocks = paged_block_chars(allocator)
-        bs = allocator.block_size
-        per_row = max(1, width // (bs + 1))
-        if -(-len(blocks) // per_row) <= max_rows:
-            rows = ["|".join(blocks[i:i + per_row]) for i in range(0, len(blocks), per_row)]
-            unit = "slot, | between blocks"
-        else:
-            cells = [_majority(b) for b in blocks]
-            rows = ["".join(cells[i:i + width]) for i in range(0, len(cells), width)]
-            unit = "block"
-        head = (f"paged: {allocator.num_blocks} blocks x {bs} slots, 1 char = {unit}")
-    else:
-        raise ValueError(f"allocator must be a ContiguousAllocator or a BlockManager, "
-                         f"got {type(allocator).__name__}")
-    lines = [head, *rows]
-    if legend:
-        lines.append(LEGEND)
-    return "\n".join(lines)

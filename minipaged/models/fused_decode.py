@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from minipaged.attention.base import AttentionBackend, AttentionMetadata
 from minipaged.attention.torch_backend import TorchBackend
-from minipaged.kernels import cpu_4bit, cpu_kernel
+from minipaged.kernels import cpu_4bit, cpu_build, cpu_kernel
 from minipaged.models.packed_linear import (FOUR_BIT_MAX_ROWS, four_bit_enabled,
                                              four_bit_weight, gemm)
 
@@ -146,8 +146,8 @@ class FusedDecode:
 
     def _libraries(self) -> ctypes.CDLL | None:
         """The driver, once the kernels it calls are all built here (else None)."""
-        driver = cpu_kernel.load("cpu_decode_step")
-        libs = [cpu_kernel.load(name) for name in
+        driver = cpu_build.load("cpu_decode_step")
+        libs = [cpu_build.load(name) for name in
                 ("cpu_layers", "cpu_4bit_linear", "cpu_paged_attention")]
         if driver is None or None in libs or not cpu_4bit.available():
             return None

@@ -137,6 +137,16 @@ def test_the_switch_turns_the_screen_off(monkeypatch):
     assert greedy_head.greedy_tokens(Head(weight), hidden, weight) is None
 
 
+def test_unset_the_screen_runs_only_where_bf16_was_measured_faster(monkeypatch):
+    hidden, weight = rows_bf16_misorders()
+    monkeypatch.delenv(greedy_head.SWITCH)
+    monkeypatch.setattr(greedy_head, "_decided", {})
+    monkeypatch.setattr(greedy_head, "_measured_pays", lambda: False)   # a CPU without bf16
+    assert greedy_head.greedy_tokens(Head(weight), hidden, weight) is None
+    monkeypatch.setattr(greedy_head, "_measured_pays", lambda: True)    # decided once
+    assert greedy_head.greedy_tokens(Head(weight), hidden, weight) is None
+
+
 def test_a_bad_switch_value_is_a_value_error_naming_it(monkeypatch):
     hidden, weight = rows_bf16_misorders()
     monkeypatch.setenv(greedy_head.SWITCH, "sometimes")

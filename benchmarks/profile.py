@@ -205,6 +205,11 @@ def report(parts: list[dict], products: list[dict], peak: float, args, argv,
         "the most time, and likewise the prompt-sized one; in situ = mean over the run's calls; warm = median of 20 "
         "repeats of the same product alone, weights in the caches; lost_to_memory_s = "
         "the run's time in that product beyond what the warm rate would take",
+        "lm_head_greedy: the LM head of the greedy rows, which asks only for each row's "
+        "argmax (minipaged/models/greedy_head.py: a bf16 product, then float32 for the few "
+        "tokens its error bound cannot rule out); its GFLOP/s count the float32 product it "
+        "stands for, so its share of the fp32 peak can pass 1; the sampler is not called "
+        "for such rows",
     ]
     tables = [markdown_table(parts, part_cols, {"share_pct": "share of the run (%)"}),
               markdown_table(products, product_cols, {

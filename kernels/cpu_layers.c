@@ -225,7 +225,9 @@ int greedy_screen_f32(const uint16_t *lb, int64_t lb_stride, const uint16_t *hb,
             const double d = (double)hr[i] - (double)b;
             dh2 += d * d; hb2 += (double)b * b; h2 += (double)hr[i] * hr[i];
         }
-        if (!isfinite(h2) || !isfinite(hb2)) { candidates[r] = -1; tokens[r] = 0; ++failed; continue; }
+        if (!isfinite(h2) || !isfinite(hb2)) {
+            candidates[r] = -1; tokens[r] = 0; ++failed; continue;
+        }
         const float alpha = (float)((sqrt(dh2) + gamma * (sqrt(hb2) + sqrt(h2))) * SAFETY);
         const float beta = (float)(sqrt(hb2) * (1.0 + gamma) * SAFETY);
         const float c = (float)(0x1p-8 / (1.0 - 0x1p-8) * SAFETY);
@@ -245,7 +247,10 @@ int greedy_screen_f32(const uint16_t *lb, int64_t lb_stride, const uint16_t *hb,
         }
         float lower = -INFINITY;
         int any_bad = 0;
-        for (int j = 0; j < 16; ++j) { lower = lo[j] > lower ? lo[j] : lower; any_bad |= bad[j] != 0; }
+        for (int j = 0; j < 16; ++j) {
+            lower = lo[j] > lower ? lo[j] : lower;
+            any_bad |= bad[j] != 0;
+        }
         for (int64_t t = v; t < vocab; ++t) {
             uint32_t bits = (uint32_t)row[t] << 16;
             float x;

@@ -278,6 +278,26 @@ def test_echo_with_logprobs_scores_the_prompt_before_the_completion(client, toke
         assert abs(a - b) <= 1e-4
 
 
+def test_streamed_echo_with_logprobs_carries_the_same_logprobs_as_the_whole_answer(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6,
+                                      temperature=0, logprobs=2, echo=True).choices[0]
+    text, tokens, offsets, token_lps = "", [], [], []
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6,
+                                           temperature=0, logprobs=2, echo=True,
+                                           stream=True):
+        choice = chunk.choices[0]
+        if choice.logprobs is not None:
+            tokens += choice.logprobs.tokens
+            offsets += choice.logprobs.text_offset
+            token_lps += choice.logprobs.token_logprobs
+        text += choice.text
+    assert text == whole.text and text.startswith(PROMPT)
+    assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    assert token_lps[0] is None and whole.logprobs.token_logprobs[0] is None
+    for a, b in zip(token_lps[1:], whole.logprobs.token_logprobs[1:]):
+        assert abs(a - b) <= 1e-4               # fp32 sums of another batch: 1e-4
+
+
 def test_a_prompt_logprob_is_the_first_step_logprob_after_the_tokens_before_it(client,
                                                                                tokenizer):
     ids = tokenizer.encode(PROMPT)
@@ -376,8 +396,6 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 0}, "top_k"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 100}, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1,
-                         "stream": True}, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"model": MODEL}, "prompt"),

@@ -147,8 +147,6 @@ class CompletionRequest(SamplingFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix:
             raise RequestError("suffix is not supported by this server", "suffix")
-        if self.echo and self.logprobs is not None and self.stream:
-            raise RequestError("echo with logprobs is not supported when streaming", "echo")
         # echo with logprobs scores the prompt itself (its prompt logprobs); with
         # max_tokens 0 nothing is generated for the client (one token is, and dropped)
         return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs,

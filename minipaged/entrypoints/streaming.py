@@ -126,10 +126,16 @@ async def completion_chunks(streams: list[RequestStream], body: CompletionReques
                 lp = None
                 if params.logprobs is not None and c.logprobs is not None:
                     start = len(c.token_ids) - len(tokens)
-                    # offsets count from the start of the choice's text, not the chunk's
-                    sent_before = deltas.sent_chars[index] - len(text)
-                    lp = completion_logprobs(tokenizer, tokens, c.logprobs[start:],
-                                             params.logprobs, text_offset=sent_before)
+                    # offsets count from the start of the choice's text (the echoed prompt
+                    # included), not the chunk's
+                    ids, steps = tokens, c.logprobs[start:]
+                    offset = len(echo[p]) + deltas.sent_chars[index] - len(text)
+                    if first and echo[p]:   # the prompt's tokens and logprobs lead its first
+                        ids = list(out.prompt_token_ids) + ids
+                        steps = list(out.prompt_logprobs or []) + steps
+                        offset = 0
+                    lp = completion_logprobs(tokenizer, ids, steps, params.logprobs,
+                                             text_offset=offset)
                 chunk = CompletionResponse(
                     id=request_id, created=created, model=model,
                     choices=[CompletionChoice(

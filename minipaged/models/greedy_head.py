@@ -34,13 +34,12 @@ weights (packed_linear.py), the bf16 copy is used only while the weight is uncha
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 from torch import nn
 
 from minipaged.kernels import cpu_layers
-from minipaged.models.packed_linear import _LIBRARIES, gemm
+from minipaged.models.packed_linear import _LIBRARIES, best_seconds, gemm
 
 SWITCH = "MINIPAGED_GREEDY_SCREEN"
 #: the bf16 product must take at most this share of the float32 one's time (the C
@@ -70,15 +69,7 @@ def _measured_pays(rows: int = 64, n: int = 8192, k: int = 576) -> bool:
             pack, run = _LIBRARIES[gemm()]
             p32 = pack(w)
             f32 = lambda: run(x, p32, w, None, rows)                  # noqa: E731
-        best = {}
-        for name, call in (("bf16", lambda: _bf16_linear(xb, packed)), ("f32", f32)):
-            times = []
-            for _ in range(8):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(times[2:])                 # the first calls warm up
-        return best["bf16"] <= PAYS_BELOW * best["f32"]
+        return best_seconds(lambda: _bf16_linear(xb, packed)) <= PAYS_BELOW * best_seconds(f32)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 

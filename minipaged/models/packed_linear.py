@@ -84,20 +84,25 @@ def _works(name: str) -> bool:
         return False
 
 
+def best_seconds(call: Callable[[], object], repeats: int = 8, warm_up: int = 2) -> float:
+    """The fastest of `repeats` timed calls, the first `warm_up` of them not counted."""
+    best = float("inf")
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        if i >= warm_up:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _seconds(name: str, rows: int = 64, n: int = 1536, k: int = 576) -> float:
     """Best of a few timed [rows, k] x [k, n] products (SmolLM2's gate+up at decode)."""
     pack, run = _LIBRARIES[name]
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
-    best = float("inf")
     with torch.inference_mode():
         packed = pack(w)
-        for i in range(8):
-            t0 = time.perf_counter()
-            run(x, packed, w, None, rows)
-            if i >= 2:                               # the first calls warm up
-                best = min(best, time.perf_counter() - t0)
-    return best
+        return best_seconds(lambda: run(x, packed, w, None, rows))
 
 
 def gemm() -> str:

@@ -112,6 +112,9 @@ def greedy_tokens(owner: nn.Module, hidden: torch.Tensor,
         owner.__dict__["_greedy_screen"] = cached    # not state: never saved or moved
     h = hidden.contiguous()
     hb = h.bfloat16()
-    found = cpu_layers.greedy_screen(_bf16_linear(hb, cached[2]), hb, h, weight.detach(),
-                                     cached[3], cached[4])
+    try:
+        logits = _bf16_linear(hb, cached[2])
+    except (RuntimeError, NotImplementedError):     # a torch build without it: float32
+        return None
+    found = cpu_layers.greedy_screen(logits, hb, h, weight.detach(), cached[3], cached[4])
     return None if found is None else found[0]

@@ -132,8 +132,11 @@ class ModelRunner:
         input_ids, positions, meta, logits_indices = build_metadata(items, self.block_size,
                                                                     self.device)
         num_argmax = sum(1 for it in items if it.needs_logits and it.argmax_only)
+        num_sampled = sum(1 for it in items if it.needs_logits)
         order = None
-        if num_argmax or any(it.extra_logit_rows for it in items):
+        # rows in item order are sorted already (a pure decode step); only a step that
+        # mixes argmax_only rows with others, or has extra rows, needs the sort
+        if 0 < num_argmax < num_sampled or any(it.extra_logit_rows for it in items):
             # the model takes its rows sorted; put them back in build_metadata's order
             logits_indices, order = logits_indices.sort()
         # only the wanted rows come back: the last layer computes nothing else
